@@ -1,0 +1,25 @@
+"""timo_hf: TiMo, a spatiotemporal foundation model for satellite image time series, as transformers models.
+
+Importing the package registers the TiMo classes with transformers' Auto classes (`AutoConfig`, `AutoModel`,
+`AutoBackbone`, ...), so `AutoModel.from_pretrained(<timo folder>)` works after `import timo_hf`.
+"""
+
+from .auto_registration import register_auto_classes
+from .configuration_timo import TiMoConfig
+from .convert_original import ConversionReport, convert_original_checkpoint
+from .modeling_timo import TiMoBackbone, TiMoModel, TiMoModelOutput, TiMoPreTrainedModel
+
+
+__version__ = "0.1.0.dev0"
+
+register_auto_classes()
+
+__all__ = [
+    "TiMoConfig",
+    "TiMoModel",
+    "TiMoBackbone",
+    "TiMoModelOutput",
+    "TiMoPreTrainedModel",
+    "ConversionReport",
+    "convert_original_checkpoint",
+]

@@ -1,0 +1,81 @@
+"""Spatiotemporal gyroscope attention (STGA) and its dynamic variant (D-STGA): readable reference kernels.
+
+Tensors are laid out per frame: `query`, `key`, `value` are `[batch, heads, T, N, head_dim]` with `N = h * w`
+tokens per frame. For every query token `(t, n)` the attention sees
+
+- `T` temporal logits `q(t, n) . k(t', n)`, one per frame at the same location, the query's own frame masked
+  with `-inf` (it is reached through the spatial part instead);
+- `N` spatial logits over the tokens `m` of its own frame: `q(t, n) . k(t, m)` for STGA; for D-STGA
+  `q_med(n) . k_med(m) + offset(t, n)` where `q_med`/`k_med` are the temporal (lower) medians.
+
+One softmax runs over the `T + N` logits jointly; the output is the temporal weights applied to the values at the
+same location plus the spatial weights applied to the values of the own frame (never medianed). No `head_dim`
+scaling is applied: the official model is trained unscaled.
+
+These kernels materialise the `[T, N, T + N]` logits of every frame and mirror the paper's equations term by
+term; they are the ground truth that faster kernels are tested against.
+"""
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def temporal_median(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
+    """Median over the frames; for an even count the lower of the two middle values (as `torch.median`)."""
+    return tensor.median(dim=dim).values
+
+
+def temporal_logits(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """`[B, heads, T, N, T]` logits of each token against its own location in every frame, own frame at -inf."""
+    logits = torch.einsum("bhtnd,bhsnd->bhtns", query, key)
+    num_frames = query.shape[2]
+    own_frame = torch.eye(num_frames, dtype=torch.bool, device=query.device).view(num_frames, 1, num_frames)
+    return logits.masked_fill(own_frame, float("-inf"))
+
+
+def joint_softmax_aggregate(
+    temporal: torch.Tensor, spatial: torch.Tensor, value: torch.Tensor
+) -> torch.Tensor:
+    """One softmax over `[temporal | spatial]` logits, then the two weighted sums of values, added."""
+    num_frames = temporal.shape[-1]
+    weights = torch.cat([temporal, spatial], dim=-1).softmax(dim=-1)
+    temporal_weights, spatial_weights = weights.split([num_frames, weights.shape[-1] - num_frames], dim=-1)
+    return torch.einsum("bhtns,bhsnd->bhtnd", temporal_weights, value) + spatial_weights @ value
+
+
+def stga_reference(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """STGA: spatial logits of each frame from its own queries and keys."""
+    spatial = query @ key.transpose(-1, -2)
+    return joint_softmax_aggregate(temporal_logits(query, key), spatial, value)
+
+
+def dstga_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, query_median: torch.Tensor
+) -> torch.Tensor:
+    """D-STGA: spatial logits `q_med k_med^T` shared by all frames, plus `offset[b, h, t, n]` added per query.
+
+    `query_median` is the temporal median of `query` (computed once by the caller, who also needs it for the
+    offset branch).
+    """
+    key_median = temporal_median(key)
+    shared = query_median @ key_median.transpose(-1, -2)
+    spatial = shared.unsqueeze(2) + offset.unsqueeze(-1)
+    return joint_softmax_aggregate(temporal_logits(query, key), spatial, value)
+
+
+class TiMoQueryOffset(nn.Module):
+    """D-STGA's per-query offset: `ReLU(BatchNorm1d(w . (q(t, n) - q_med(n))))`, one scalar per query.
+
+    The BatchNorm has a single channel whose rows are all `(batch, head, frame, token)` queries, so in training
+    mode it normalises with the statistics of the whole batch.
+    """
+
+    def __init__(self, head_dim: int):
+        super().__init__()
+        self.projection = nn.Linear(head_dim, 1, bias=False)
+        self.norm = nn.BatchNorm1d(1)
+
+    def forward(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
+        deviation = self.projection(query - query_median.unsqueeze(2))
+        return F.relu(self.norm(deviation.reshape(-1, 1))).view(deviation.shape[:-1])

@@ -1,0 +1,161 @@
+"""TiMo model configuration."""
+
+from huggingface_hub.dataclasses import strict
+from transformers.backbone_utils import BackboneConfigMixin
+from transformers.configuration_utils import PreTrainedConfig
+
+
+ATTENTION_TYPES = ("dstga", "stga", "mhsa")
+POSITION_EMBEDDING_TYPES = ("temporal_spatial", "spatial", "none")
+
+# Official variants (TiMo_base / TiMo_large / TiMo_huge): widths, heads and depths per stage; D-D-M-M everywhere.
+PRESETS = {
+    "base": {"hidden_sizes": [128, 256, 512, 1024], "num_heads": [4, 8, 16, 32], "depths": [2, 2, 18, 2]},
+    "large": {"hidden_sizes": [384, 768, 960, 1536], "num_heads": [6, 12, 24, 48], "depths": [2, 2, 18, 2]},
+    "huge": {"hidden_sizes": [512, 1024, 1280, 2048], "num_heads": [8, 16, 32, 64], "depths": [3, 3, 22, 3]},
+}
+
+
+@strict
+class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
+    r"""
+    Configuration of a TiMo model (arXiv 2505.08723): a four-stage hierarchical vision transformer over satellite
+    image time series `[batch, time, channels, height, width]`.
+
+    Stage 1 embeds each frame with a convolutional stem (7x7 stride-2 conv without bias, BatchNorm, ReLU, 2x2
+    stride-2 conv; total stride 4); stages 2-4 downsample with a 3x3 stride-2 conv. Every stage runs `depths[i]`
+    pre-norm transformer blocks whose attention is one of:
+
+    - `"mhsa"`: full multi-head self-attention over all `T * h * w` tokens of a sample (scaled by `head_dim**-0.5`);
+    - `"stga"`: spatiotemporal gyroscope attention: each token attends to its own frame and to its own position in
+      the other frames, one joint softmax, no scaling;
+    - `"dstga"`: STGA whose spatial logits come from the temporal medians of queries and keys plus a learned
+      per-query offset.
+
+    Args:
+        num_channels (`int`, defaults to 3): spectral bands per frame.
+        hidden_sizes (`list[int]`): width of each stage.
+        num_heads (`list[int]`): attention heads of each stage; each width must be divisible by its heads.
+        depths (`list[int]`): transformer blocks in each stage.
+        attention_types (`list[str]`): `"dstga"`, `"stga"` or `"mhsa"` per stage (default D-D-M-M).
+        mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
+        qkv_bias (`bool`, defaults to `True`): bias in the query and key/value projections.
+        hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU as the official model).
+        drop_path_rate (`float`, defaults to 0.0): stochastic depth, linearly increasing over all blocks.
+        layer_norm_eps (`float`, defaults to 1e-6): LayerNorm epsilon of the blocks and of the stage norms.
+        embedding_layer_norm_eps (`float`, defaults to 1e-5): LayerNorm epsilon of the four patch embeddings.
+        position_embedding_type (`str`, defaults to `"temporal_spatial"`): fixed sin-cos encoding added after the
+            stem: `"temporal_spatial"` (first half of the channels encodes the temporal position, second half the
+            2-D grid position, as official), `"spatial"` (2-D only) or `"none"`.
+        initializer_range (`float`, defaults to 0.02): std of the truncated normal for linear layers.
+        check_finite_inputs (`bool`, defaults to `False`): raise on NaN/inf in `pixel_values` (costs a reduction).
+        out_features / out_indices: backbone outputs among `stage_names = ["stem", "stage1", ..., "stage4"]`.
+        classifier_pooling (`str`, defaults to `"mean"`): image classification pooling, `"mean"` over time and
+            space (official) or `"per_frame"` (one prediction per frame, Sen12Flood).
+        uper_hidden_size (`int`, *optional*): UperNet width; `None` means the last stage width (official).
+        uper_pool_scales (`list[int]`, defaults to `[1, 2, 3, 6]`): pyramid pooling scales of the UperNet head.
+        temporal_fusion (`str`, defaults to `"max"`): segmentation fusion over time, `"max"` (one map per
+            sample) or `"none"` (one map per frame).
+        classifier_dropout (`float`, defaults to 0.1): Dropout2d before the segmentation classifier.
+        semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the segmentation loss.
+    """
+
+    model_type = "timo"
+    attribute_map = {"num_attention_heads": "num_heads", "num_hidden_layers": "num_layers"}
+
+    num_channels: int = 3
+    hidden_sizes: list[int] | tuple[int, ...] = (128, 256, 512, 1024)
+    num_heads: list[int] | tuple[int, ...] = (4, 8, 16, 32)
+    depths: list[int] | tuple[int, ...] = (2, 2, 18, 2)
+    attention_types: list[str] | tuple[str, ...] = ("dstga", "dstga", "mhsa", "mhsa")
+    mlp_ratio: float | int = 4.0
+    qkv_bias: bool = True
+    hidden_act: str = "gelu"
+    drop_path_rate: float | int = 0.0
+    layer_norm_eps: float = 1e-6
+    embedding_layer_norm_eps: float = 1e-5
+    position_embedding_type: str = "temporal_spatial"
+    initializer_range: float = 0.02
+    check_finite_inputs: bool = False
+    classifier_pooling: str = "mean"
+    uper_hidden_size: int | None = None
+    uper_pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
+    temporal_fusion: str = "max"
+    classifier_dropout: float | int = 0.1
+    semantic_loss_ignore_index: int = 255
+    _out_features: list[str] | None = None
+    _out_indices: list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        self.hidden_sizes = list(self.hidden_sizes)
+        self.num_heads = list(self.num_heads)
+        self.depths = list(self.depths)
+        self.attention_types = [str(a).lower() for a in self.attention_types]
+        self.uper_pool_scales = list(self.uper_pool_scales)
+        self.num_layers = len(self.depths)
+        self.hidden_size = self.hidden_sizes[-1] if self.hidden_sizes else 0
+        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, len(self.depths) + 1)]
+        self.set_output_features_output_indices(
+            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
+        )
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Reject configurations that cannot build a model, with a message naming the offending field."""
+        lengths = {
+            "hidden_sizes": len(self.hidden_sizes),
+            "num_heads": len(self.num_heads),
+            "depths": len(self.depths),
+            "attention_types": len(self.attention_types),
+        }
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"TiMoConfig: the per-stage lists must have the same length, got {lengths}.")
+        if lengths["depths"] < 1:
+            raise ValueError("TiMoConfig: at least one stage is required.")
+        if self.num_channels < 1:
+            raise ValueError(f"TiMoConfig: num_channels must be >= 1, got {self.num_channels}.")
+        for stage, (width, heads) in enumerate(zip(self.hidden_sizes, self.num_heads), start=1):
+            if width < 1 or heads < 1 or width % heads:
+                raise ValueError(
+                    f"TiMoConfig: stage {stage} width {width} is not divisible by its {heads} attention heads."
+                )
+        for stage, depth in enumerate(self.depths, start=1):
+            if depth < 0:
+                raise ValueError(f"TiMoConfig: stage {stage} depth must be >= 0, got {depth}.")
+        unknown = [a for a in self.attention_types if a not in ATTENTION_TYPES]
+        if unknown:
+            raise ValueError(f"TiMoConfig: unknown attention_types {unknown}; expected each in {ATTENTION_TYPES}.")
+        if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
+            raise ValueError(
+                f"TiMoConfig: position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "
+                f"got {self.position_embedding_type!r}."
+            )
+        if self.position_embedding_type != "none" and self.hidden_sizes[0] % 8:
+            raise ValueError(
+                f"TiMoConfig: the sin-cos position embedding needs hidden_sizes[0] divisible by 8, "
+                f"got {self.hidden_sizes[0]}."
+            )
+        if self.mlp_ratio <= 0:
+            raise ValueError(f"TiMoConfig: mlp_ratio must be > 0, got {self.mlp_ratio}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"TiMoConfig: drop_path_rate must be in [0, 1), got {self.drop_path_rate}.")
+        if self.classifier_pooling not in ("mean", "per_frame"):
+            raise ValueError(
+                f"TiMoConfig: classifier_pooling must be 'mean' or 'per_frame', got {self.classifier_pooling!r}."
+            )
+        if self.temporal_fusion not in ("max", "none"):
+            raise ValueError(f"TiMoConfig: temporal_fusion must be 'max' or 'none', got {self.temporal_fusion!r}.")
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "TiMoConfig":
+        """Configuration of an official variant: `"base"` (91M), `"large"` (298M) or `"huge"` (675M).
+
+        Any field can be overridden, e.g. `TiMoConfig.from_preset("base", num_channels=10)`.
+        """
+        key = name.lower().removeprefix("timo-").removeprefix("timo_")
+        if key not in PRESETS:
+            raise ValueError(f"Unknown TiMo preset {name!r}; expected one of {sorted(PRESETS)}.")
+        return cls(**{**PRESETS[key], **overrides})
+
+
+__all__ = ["TiMoConfig"]

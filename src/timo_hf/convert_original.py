@@ -1,0 +1,151 @@
+"""Load checkpoints of the authors' released TiMo code into timo_hf models.
+
+The official state-dict names (see the key lists in the project's spec) are renamed by the rules below. Every
+official key is either renamed or knowingly dropped; anything else is an error that lists the keys, and so is any
+timo_hf weight the checkpoint does not provide.
+"""
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .configuration_timo import TiMoConfig
+from .modeling_timo import TiMoModel, TiMoPreTrainedModel
+
+
+logger = logging.getLogger(__name__)
+
+# Official backbone name -> timo_hf TiMoModel name. `{s}` is the official 1-based stage, rewritten 0-based.
+_BACKBONE_RULES = [
+    (r"patch_embed1\.conv\.0\.", "embeddings.stem.conv1."),
+    (r"patch_embed1\.conv\.1\.", "embeddings.stem.batch_norm."),
+    (r"patch_embed1\.conv\.3\.", "embeddings.stem.conv2."),
+    (r"patch_embed1\.norm\.", "embeddings.stem.layernorm."),
+    (r"patch_embed(?P<s>\d+)\.proj\.", "encoder.stages.{s}.downsample.projection."),
+    (r"patch_embed(?P<s>\d+)\.norm\.", "encoder.stages.{s}.downsample.layernorm."),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.norm1\.", "encoder.stages.{s}.layers.{j}.layernorm_before."),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.norm2\.", "encoder.stages.{s}.layers.{j}.layernorm_after."),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.attn\.q\.", "encoder.stages.{s}.layers.{j}.attention.query."),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.attn\.kv\.", "encoder.stages.{s}.layers.{j}.attention.key_value."),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.attn\.proj\.", "encoder.stages.{s}.layers.{j}.attention.projection."),
+    (
+        r"block(?P<s>\d+)\.(?P<j>\d+)\.attn\.cheap_operation\.0\.",
+        "encoder.stages.{s}.layers.{j}.attention.query_offset.projection.",
+    ),
+    (
+        r"block(?P<s>\d+)\.(?P<j>\d+)\.attn\.cheap_operation\.1\.",
+        "encoder.stages.{s}.layers.{j}.attention.query_offset.norm.",
+    ),
+    (r"block(?P<s>\d+)\.(?P<j>\d+)\.mlp\.", "encoder.stages.{s}.layers.{j}.mlp."),
+    (r"norm(?P<s>\d+)\.", "encoder.stages.{s}.layernorm."),
+]
+_BACKBONE_RULES = [(re.compile(pattern), target) for pattern, target in _BACKBONE_RULES]
+
+# The official backbone carries an ImageNet-style Linear(C4, 1000) that its segmentation forward never calls.
+_UNUSED_BACKBONE_HEAD = re.compile(r"head\.(weight|bias)$")
+
+
+@dataclass
+class ConversionReport:
+    """What happened to each official key: renamed (`official -> timo_hf`) or dropped (with the reason)."""
+
+    renamed: dict[str, str] = field(default_factory=dict)
+    dropped: dict[str, str] = field(default_factory=dict)
+
+    def summary(self) -> str:
+        lines = [f"{len(self.renamed)} official tensors loaded, {len(self.dropped)} dropped"]
+        lines += [f"  dropped {key}: {reason}" for key, reason in sorted(self.dropped.items())]
+        return "\n".join(lines)
+
+
+def rename_backbone_key(key: str) -> str | None:
+    """timo_hf name of an official backbone key, or `None` when no rule matches."""
+    for pattern, target in _BACKBONE_RULES:
+        match = pattern.match(key)
+        if match:
+            groups = match.groupdict()
+            indices = {"s": int(groups["s"]) - 1 if "s" in groups else None, "j": groups.get("j")}
+            return target.format(**indices) + key[match.end() :]
+    return None
+
+
+def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
+    converted = {}
+    for key, tensor in state_dict.items():
+        if _UNUSED_BACKBONE_HEAD.match(key):
+            report.dropped[key] = "unused 1000-class ImageNet head of the official backbone"
+            continue
+        new_key = rename_backbone_key(key)
+        if new_key is not None:
+            report.renamed[key] = new_key
+            converted[new_key] = tensor
+    return converted
+
+
+# task -> (model class, converter from an official state dict to the model's state dict)
+TASKS = {"backbone": (TiMoModel, _convert_backbone)}
+
+
+def load_original_state_dict(checkpoint: str | os.PathLike | dict) -> dict:
+    """Read an official checkpoint (a `.pth` path or an already loaded dict) and return its state dict."""
+    if not isinstance(checkpoint, dict):
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"Official TiMo checkpoint not found: {checkpoint}")
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    state_dict = checkpoint.get("model", checkpoint)
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError("The checkpoint is not an official TiMo state dict (expected a mapping of tensors).")
+    return {key.removeprefix("module."): value for key, value in state_dict.items()}
+
+
+def convert_original_checkpoint(
+    checkpoint: str | os.PathLike | dict,
+    config: TiMoConfig,
+    task: str = "backbone",
+    return_report: bool = False,
+) -> TiMoPreTrainedModel | tuple[TiMoPreTrainedModel, ConversionReport]:
+    """Build the timo_hf model for `task` from an official checkpoint.
+
+    Args:
+        checkpoint: path to an official `.pth` file (state dict under `"model"`) or the loaded dict itself.
+            Loaded with `torch.load(weights_only=True)`.
+        config: the `TiMoConfig` describing the checkpoint's architecture (e.g. `TiMoConfig.from_preset("base")`).
+        task: what the checkpoint holds. `"backbone"`: the official segmentation-file `TiMo` backbone.
+        return_report: also return the `ConversionReport` (renamed and dropped keys).
+
+    Raises:
+        ValueError: for an unknown task, official keys that are neither renamed nor knowingly dropped, timo_hf
+            weights missing from the checkpoint, or shape mismatches (the message lists them).
+    """
+    if task not in TASKS:
+        raise ValueError(f"Unknown conversion task {task!r}; expected one of {sorted(TASKS)}.")
+    model_class, convert = TASKS[task]
+    state_dict = load_original_state_dict(checkpoint)
+    report = ConversionReport()
+    converted = convert(state_dict, report)
+    unknown = sorted(set(state_dict) - set(report.renamed) - set(report.dropped))
+    if unknown:
+        raise ValueError(f"Official keys with no timo_hf counterpart for task {task!r}: {unknown}")
+
+    model = model_class(config)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(converted))
+    if missing:
+        raise ValueError(f"The checkpoint lacks these timo_hf weights for task {task!r}: {missing}")
+    mismatched = [
+        f"{key}: checkpoint {tuple(converted[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if converted[key].shape != expected[key].shape
+    ]
+    if mismatched:
+        raise ValueError("Shape mismatch between the checkpoint and the config:\n  " + "\n  ".join(mismatched))
+    model.load_state_dict(converted, strict=True)
+    model.eval()
+    logger.info(report.summary())
+    return (model, report) if return_report else model
+
+
+__all__ = ["convert_original_checkpoint", "ConversionReport", "load_original_state_dict", "rename_backbone_key"]
