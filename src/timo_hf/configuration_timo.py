@@ -7,6 +7,8 @@ from transformers.configuration_utils import PreTrainedConfig
 
 ATTENTION_TYPES = ("dstga", "stga", "mhsa")
 POSITION_EMBEDDING_TYPES = ("temporal_spatial", "spatial", "none")
+MIM_ENCODER_ATTENTIONS = ("mhsa", "as_configured")
+MIM_TARGET_NORMALIZATIONS = ("per_unit", "batch", "none")
 
 # Official variants (TiMo_base / TiMo_large / TiMo_huge): widths, heads and depths per stage; D-D-M-M everywhere.
 PRESETS = {
@@ -58,6 +60,22 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
             sample) or `"none"` (one map per frame).
         classifier_dropout (`float`, defaults to 0.1): Dropout2d before the segmentation classifier.
         semantic_loss_ignore_index (`int`, defaults to 255): label value ignored by the segmentation loss.
+        mask_unit_size (`int`, defaults to 32): side in pixels of the square mask unit of masked image modelling
+            (a multiple of the stem stride 4); pre-training inputs must have `height` and `width` divisible by it.
+        mask_ratio (`float`, defaults to 0.75): fraction of the `T * (H / unit) * (W / unit)` units of a sample that
+            are masked, drawn jointly over all frames (`int(units * (1 - mask_ratio))` stay visible).
+        mim_encoder_attention (`str`, defaults to `"mhsa"`): encoder attention during masked image modelling.
+            `"mhsa"` (official): full multi-head self-attention in every stage over the visible units only, whatever
+            `attention_types` says (they describe the fine-tuning model; D-STGA offset branches start fresh then).
+            `"as_configured"` (experiment): `attention_types` as configured; STGA/D-STGA need the complete token
+            grid, so the encoder then runs densely over the whole zero-masked image (no compute saving).
+        mim_decoder_hidden_size (`int`, defaults to 512): width of the masked-image-modelling decoder.
+        mim_decoder_depth (`int`, defaults to 8): MHSA blocks in the decoder.
+        mim_decoder_num_heads (`int`, defaults to 16): attention heads of the decoder blocks.
+        mim_decoder_mlp_ratio (`float`, defaults to 4.0): MLP hidden width over decoder width.
+        mim_target_normalization (`str`, defaults to `"per_unit"`): reconstruction target: `"per_unit"` (each
+            unit's pixels normalised by their own mean and variance, as MAE intends), `"batch"` (the official code:
+            one mean and variance over all masked pixels of the batch) or `"none"` (raw normalised pixels).
     """
 
     model_type = "timo"
@@ -83,6 +101,14 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
     temporal_fusion: str = "max"
     classifier_dropout: float | int = 0.1
     semantic_loss_ignore_index: int = 255
+    mask_unit_size: int = 32
+    mask_ratio: float | int = 0.75
+    mim_encoder_attention: str = "mhsa"
+    mim_decoder_hidden_size: int = 512
+    mim_decoder_depth: int = 8
+    mim_decoder_num_heads: int = 16
+    mim_decoder_mlp_ratio: float | int = 4.0
+    mim_target_normalization: str = "per_unit"
     _out_features: list[str] | None = None
     _out_indices: list[int] | None = None
 
@@ -92,6 +118,9 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
         self.depths = list(self.depths)
         self.attention_types = [str(a).lower() for a in self.attention_types]
         self.uper_pool_scales = list(self.uper_pool_scales)
+        # Validate before deriving attributes so that users get the plain ValueError naming the field (the
+        # strict-dataclass validators would re-raise it wrapped in StrictDataclassClassValidationError).
+        self.validate_architecture()
         self.num_layers = len(self.depths)
         self.hidden_size = self.hidden_sizes[-1] if self.hidden_sizes else 0
         self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, len(self.depths) + 1)]
@@ -145,6 +174,37 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
             )
         if self.temporal_fusion not in ("max", "none"):
             raise ValueError(f"TiMoConfig: temporal_fusion must be 'max' or 'none', got {self.temporal_fusion!r}.")
+        self._validate_masked_image_modeling()
+
+    def _validate_masked_image_modeling(self):
+        if self.mask_unit_size < 4 or self.mask_unit_size % 4:
+            raise ValueError(
+                "TiMoConfig: mask_unit_size must be a positive multiple of the stem stride 4, "
+                f"got {self.mask_unit_size}."
+            )
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"TiMoConfig: mask_ratio must be in [0, 1), got {self.mask_ratio}.")
+        if self.mim_encoder_attention not in MIM_ENCODER_ATTENTIONS:
+            raise ValueError(
+                f"TiMoConfig: mim_encoder_attention must be one of {MIM_ENCODER_ATTENTIONS}, got "
+                f"{self.mim_encoder_attention!r} (STGA/D-STGA cannot run on the sparse visible units; use "
+                "'as_configured' to pre-train the configured attention_types densely)."
+            )
+        width, heads = self.mim_decoder_hidden_size, self.mim_decoder_num_heads
+        if width < 8 or width % 8 or heads < 1 or width % heads:
+            raise ValueError(
+                f"TiMoConfig: mim_decoder_hidden_size {width} must be a multiple of 8 (sin-cos position encoding) "
+                f"and of mim_decoder_num_heads {heads}."
+            )
+        if self.mim_decoder_depth < 0:
+            raise ValueError(f"TiMoConfig: mim_decoder_depth must be >= 0, got {self.mim_decoder_depth}.")
+        if self.mim_decoder_mlp_ratio <= 0:
+            raise ValueError(f"TiMoConfig: mim_decoder_mlp_ratio must be > 0, got {self.mim_decoder_mlp_ratio}.")
+        if self.mim_target_normalization not in MIM_TARGET_NORMALIZATIONS:
+            raise ValueError(
+                f"TiMoConfig: mim_target_normalization must be one of {MIM_TARGET_NORMALIZATIONS}, got "
+                f"{self.mim_target_normalization!r}."
+            )
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "TiMoConfig":

@@ -128,12 +128,13 @@ class TiMoPositionEncoding(nn.Module):
     0..T-1 by default, or `temporal_positions`, e.g. days since the first acquisition), the second half the grid
     position. `"spatial"`: all channels encode the grid position. The values carry float32 precision whatever the
     model dtype (the temporal half is computed in float32, the spatial half rounded to float32), as official.
+    `dim` and `embedding_type` default to the stem's (the masked-image-modelling decoder passes its own).
     """
 
-    def __init__(self, config: TiMoConfig):
+    def __init__(self, config: TiMoConfig, dim: int | None = None, embedding_type: str | None = None):
         super().__init__()
-        self.embedding_type = config.position_embedding_type
-        self.dim = config.hidden_sizes[0]
+        self.embedding_type = embedding_type or config.position_embedding_type
+        self.dim = dim or config.hidden_sizes[0]
 
     def forward(self, temporal_positions: torch.Tensor, height: int, width: int) -> torch.Tensor | None:
         """Encoding of shape `[B, T, height * width, dim]` (broadcastable), or `None` when disabled."""
@@ -298,9 +299,9 @@ class TiMoDropPath(nn.Module):
 
 
 class TiMoMLP(nn.Module):
-    def __init__(self, config: TiMoConfig, dim: int):
+    def __init__(self, config: TiMoConfig, dim: int, mlp_ratio: float | None = None):
         super().__init__()
-        hidden = int(dim * config.mlp_ratio)
+        hidden = int(dim * (config.mlp_ratio if mlp_ratio is None else mlp_ratio))
         self.fc1 = nn.Linear(dim, hidden)
         self.activation = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, dim)
@@ -312,12 +313,20 @@ class TiMoMLP(nn.Module):
 class TiMoLayer(GradientCheckpointingLayer):
     """Pre-norm transformer block: `x + DropPath(attn(LN(x)))`, then `x + DropPath(mlp(LN(x)))`."""
 
-    def __init__(self, config: TiMoConfig, dim: int, num_heads: int, attention_type: str, drop_path: float):
+    def __init__(
+        self,
+        config: TiMoConfig,
+        dim: int,
+        num_heads: int,
+        attention_type: str,
+        drop_path: float,
+        mlp_ratio: float | None = None,
+    ):
         super().__init__()
         self.layernorm_before = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attention = TiMoAttention(config, dim, num_heads, attention_type)
         self.layernorm_after = nn.LayerNorm(dim, eps=config.layer_norm_eps)
-        self.mlp = TiMoMLP(config, dim)
+        self.mlp = TiMoMLP(config, dim, mlp_ratio)
         self.drop_path = TiMoDropPath(drop_path)
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
@@ -393,7 +402,8 @@ class TiMoEncoder(nn.Module):
 
     def __init__(self, config: TiMoConfig):
         super().__init__()
-        rates = torch.linspace(0, config.drop_path_rate, sum(config.depths)).tolist()
+        total = sum(config.depths)
+        rates = [config.drop_path_rate * i / max(total - 1, 1) for i in range(total)]
         bounds = [sum(config.depths[:i]) for i in range(len(config.depths) + 1)]
         self.stages = nn.ModuleList(
             TiMoStage(config, index, rates[bounds[index] : bounds[index + 1]]) for index in range(len(config.depths))

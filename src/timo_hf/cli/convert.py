@@ -1,0 +1,59 @@
+"""`timo convert`: an official TiMo `.pth` checkpoint -> a timo_hf folder (config.json + model.safetensors)."""
+
+import argparse
+import json
+from pathlib import Path
+
+from ..configuration_timo import PRESETS, TiMoConfig
+from ..convert_original import TASKS, convert_original_checkpoint
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert",
+        help="convert an official TiMo checkpoint to a timo_hf folder",
+        description="Convert a checkpoint of the authors' released TiMo code to a save_pretrained folder.",
+    )
+    parser.add_argument("checkpoint", help="official .pth file (state dict under 'model')")
+    parser.add_argument("output_dir", help="folder to write config.json and model.safetensors to")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--preset", choices=sorted(PRESETS), help="official variant the checkpoint was trained as")
+    source.add_argument("--config", help="a TiMoConfig JSON file")
+    parser.add_argument("--task", default="backbone", choices=sorted(TASKS), help="what the checkpoint holds")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=JSON",
+        help="override a config field, e.g. --set num_channels=10 --set 'attention_types=[\"mhsa\",\"mhsa\",\"mhsa\",\"mhsa\"]'",
+    )
+    return parser
+
+
+def parse_overrides(items: list[str]) -> dict:
+    overrides = {}
+    for item in items:
+        field, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects FIELD=VALUE, got {item!r}")
+        try:
+            overrides[field] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[field] = value
+    return overrides
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = parse_overrides(args.set)
+    if args.preset:
+        config = TiMoConfig.from_preset(args.preset, **overrides)
+    else:
+        config_path = Path(args.config)
+        if not config_path.is_file():
+            raise FileNotFoundError(f"config file not found: {config_path}")
+        config = TiMoConfig.from_dict({**json.loads(config_path.read_text()), **overrides})
+    model, report = convert_original_checkpoint(args.checkpoint, config, task=args.task, return_report=True)
+    model.save_pretrained(args.output_dir)
+    print(report.summary())
+    print(f"saved {type(model).__name__} to {Path(args.output_dir).resolve()}")
+    return 0
