@@ -7,7 +7,15 @@ Importing the package registers the TiMo classes with transformers' Auto classes
 from .auto_registration import register_auto_classes
 from .configuration_timo import TiMoConfig
 from .convert_original import ConversionReport, convert_original_checkpoint
-from .modeling_timo import TiMoBackbone, TiMoModel, TiMoModelOutput, TiMoPreTrainedModel
+from .modeling_timo import (
+    TiMoBackbone,
+    TiMoForImageClassification,
+    TiMoForSemanticSegmentation,
+    TiMoModel,
+    TiMoModelOutput,
+    TiMoPreTrainedModel,
+)
+from .modeling_timo_mim import TiMoForMaskedImageModeling, TiMoMaskedImageModelingOutput
 
 
 __version__ = "0.1.0.dev0"
@@ -20,6 +28,10 @@ __all__ = [
     "TiMoBackbone",
     "TiMoModelOutput",
     "TiMoPreTrainedModel",
+    "TiMoForImageClassification",
+    "TiMoForSemanticSegmentation",
+    "TiMoForMaskedImageModeling",
+    "TiMoMaskedImageModelingOutput",
     "ConversionReport",
     "convert_original_checkpoint",
 ]

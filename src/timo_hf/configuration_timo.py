@@ -6,6 +6,7 @@ from transformers.configuration_utils import PreTrainedConfig
 
 
 ATTENTION_TYPES = ("dstga", "stga", "mhsa")
+STGA_IMPLEMENTATIONS = ("fast", "reference")
 POSITION_EMBEDDING_TYPES = ("temporal_spatial", "spatial", "none")
 MIM_ENCODER_ATTENTIONS = ("mhsa", "as_configured")
 MIM_TARGET_NORMALIZATIONS = ("per_unit", "batch", "none")
@@ -40,6 +41,11 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
         num_heads (`list[int]`): attention heads of each stage; each width must be divisible by its heads.
         depths (`list[int]`): transformer blocks in each stage.
         attention_types (`list[str]`): `"dstga"`, `"stga"` or `"mhsa"` per stage (default D-D-M-M).
+        stga_implementation (`str`, defaults to `"fast"`): kernels of the STGA and D-STGA stages, `"fast"` (exact,
+            memory-efficient: log-sum-exp merge of the spatial and temporal softmax parts, D-STGA's shared spatial
+            softmax computed once for all frames; see `attention_fast`) or `"reference"` (the readable kernels of
+            `attention_timo`, which materialise the `[T, N, T + N]` logits of every frame). Both give the same
+            outputs and gradients up to float rounding; only time and memory differ.
         mlp_ratio (`float`, defaults to 4.0): MLP hidden width over block width.
         qkv_bias (`bool`, defaults to `True`): bias in the query and key/value projections.
         hidden_act (`str`, defaults to `"gelu"`): MLP activation (exact erf GELU as the official model).
@@ -86,6 +92,7 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
     num_heads: list[int] | tuple[int, ...] = (4, 8, 16, 32)
     depths: list[int] | tuple[int, ...] = (2, 2, 18, 2)
     attention_types: list[str] | tuple[str, ...] = ("dstga", "dstga", "mhsa", "mhsa")
+    stga_implementation: str = "fast"
     mlp_ratio: float | int = 4.0
     qkv_bias: bool = True
     hidden_act: str = "gelu"
@@ -154,6 +161,11 @@ class TiMoConfig(BackboneConfigMixin, PreTrainedConfig):
         unknown = [a for a in self.attention_types if a not in ATTENTION_TYPES]
         if unknown:
             raise ValueError(f"TiMoConfig: unknown attention_types {unknown}; expected each in {ATTENTION_TYPES}.")
+        if self.stga_implementation not in STGA_IMPLEMENTATIONS:
+            raise ValueError(
+                f"TiMoConfig: stga_implementation must be one of {STGA_IMPLEMENTATIONS}, "
+                f"got {self.stga_implementation!r}."
+            )
         if self.position_embedding_type not in POSITION_EMBEDDING_TYPES:
             raise ValueError(
                 f"TiMoConfig: position_embedding_type must be one of {POSITION_EMBEDDING_TYPES}, "

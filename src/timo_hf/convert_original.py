@@ -13,7 +13,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .configuration_timo import TiMoConfig
-from .modeling_timo import TiMoModel, TiMoPreTrainedModel
+from .modeling_timo import (
+    TiMoForImageClassification,
+    TiMoForSemanticSegmentation,
+    TiMoModel,
+    TiMoPreTrainedModel,
+)
+from .modeling_timo_mim import TiMoForMaskedImageModeling
 
 
 logger = logging.getLogger(__name__)
@@ -47,6 +53,14 @@ _BACKBONE_RULES = [(re.compile(pattern), target) for pattern, target in _BACKBON
 # The official backbone carries an ImageNet-style Linear(C4, 1000) that its segmentation forward never calls.
 _UNUSED_BACKBONE_HEAD = re.compile(r"head\.(weight|bias)$")
 
+# Official segmentation framework: `decoder.*` (mmseg-style UPerHead, ConvModule = conv + bn) and the classifier
+# `semseghead.1` (`semseghead.0` is the parameter-free Dropout2d).
+_DECODER_KEY = re.compile(
+    r"decoder\.(?P<module>psp_modules\.(?P<scale>\d+)\.1|bottleneck|fpn_bottleneck|(?:lateral|fpn)_convs\.\d+)"
+    r"\.(?P<layer>conv|bn)\.(?P<name>\w+)"
+)
+_SEGMENTATION_CLASSIFIER = re.compile(r"semseghead\.1\.(?P<name>weight|bias)")
+
 
 @dataclass
 class ConversionReport:
@@ -54,6 +68,9 @@ class ConversionReport:
 
     renamed: dict[str, str] = field(default_factory=dict)
     dropped: dict[str, str] = field(default_factory=dict)
+    # Renamed keys that may be absent from the configured model: when it has no slot for them they move to
+    # `dropped` with this reason instead of failing the conversion (e.g. offset branches of non-D-STGA blocks).
+    droppable: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         lines = [f"{len(self.renamed)} official tensors loaded, {len(self.dropped)} dropped"]
@@ -85,8 +102,101 @@ def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
     return converted
 
 
+# Official pre-training (MAE) decoder name -> timo_hf TiMoForMaskedImageModeling name.
+_MIM_DECODER_RULES = [
+    (re.compile(r"mask_token$"), "decoder.mask_token"),
+    (re.compile(r"decoder_embed\."), "decoder.embed."),
+    (re.compile(r"decoder_norm\."), "decoder.layernorm."),
+    (re.compile(r"decoder_pred\."), "decoder.prediction."),
+]
+_MIM_DECODER_BLOCK = re.compile(r"decoder_blocks\.(?P<j>\d+)\.")
+
+
+def rename_pretraining_key(key: str) -> str | None:
+    """timo_hf name of an official pre-training key (encoder under `timo.`, decoder under `decoder.`), or `None`."""
+    block = _MIM_DECODER_BLOCK.match(key)
+    if block:
+        # Decoder blocks have the layout of encoder blocks: rename one as a stage-1 block, then move it.
+        inner = rename_backbone_key(f"block1.{block['j']}.{key[block.end():]}")
+        return None if inner is None else "decoder." + inner.removeprefix("encoder.stages.0.")
+    for pattern, target in _MIM_DECODER_RULES:
+        match = pattern.match(key)
+        if match:
+            return target + key[match.end() :]
+    backbone_key = rename_backbone_key(key)
+    return None if backbone_key is None else "timo." + backbone_key
+
+
+def _convert_pretraining(state_dict: dict, report: ConversionReport) -> dict:
+    converted = {}
+    for key, tensor in state_dict.items():
+        if _UNUSED_BACKBONE_HEAD.match(key):
+            report.dropped[key] = "unused 1000-class head of the official pre-training model"
+            continue
+        new_key = rename_pretraining_key(key)
+        if new_key is not None:
+            report.renamed[key] = new_key
+            converted[new_key] = tensor
+    return converted
+
+
+def _convert_under_prefix(state_dict: dict, report: ConversionReport, official_prefix: str, prefix: str) -> dict:
+    """Convert the official backbone stored under `official_prefix` into timo_hf names under `prefix`."""
+    nested = {k.removeprefix(official_prefix): v for k, v in state_dict.items() if k.startswith(official_prefix)}
+    nested_report = ConversionReport()
+    converted = _convert_backbone(nested, nested_report)
+    report.renamed.update({official_prefix + key: prefix + new for key, new in nested_report.renamed.items()})
+    report.dropped.update({official_prefix + key: reason for key, reason in nested_report.dropped.items()})
+    return {prefix + key: value for key, value in converted.items()}
+
+
+def rename_decoder_key(key: str) -> str | None:
+    """timo_hf name of an official segmentation-framework decoder or classifier key, or `None`."""
+    match = _DECODER_KEY.fullmatch(key)
+    if match:
+        module = match["module"]
+        if match["scale"] is not None:
+            module = f"pyramid_pooling.blocks.{match['scale']}"
+        layer = "batch_norm" if match["layer"] == "bn" else "conv"
+        return f"decode_head.{module}.{layer}.{match['name']}"
+    match = _SEGMENTATION_CLASSIFIER.fullmatch(key)
+    return f"classifier.{match['name']}" if match else None
+
+
+def _convert_segmentation(state_dict: dict, report: ConversionReport) -> dict:
+    """Official `SemsegFramework`: `encoder.*` backbone, `decoder.*` UperNet, `semseghead.1.*` classifier."""
+    converted = _convert_under_prefix(state_dict, report, "encoder.", "timo.")
+    for key, tensor in state_dict.items():
+        new_key = rename_decoder_key(key)
+        if new_key is not None:
+            report.renamed[key] = new_key
+            converted[new_key] = tensor
+    return converted
+
+
+def _convert_classification(state_dict: dict, report: ConversionReport) -> dict:
+    """Official `TiMo_cls`: the backbone at the top level, its `head` is the classifier, and every block carries
+    the D-STGA offset branch (`cheap_operation`), unused outside D-STGA blocks (dropped there, see `droppable`)."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        if _UNUSED_BACKBONE_HEAD.match(key):
+            report.renamed[key] = "classifier." + key.removeprefix("head.")
+            converted[report.renamed[key]] = tensor
+    backbone = {key: value for key, value in state_dict.items() if key not in report.renamed}
+    converted.update(_convert_under_prefix(backbone, report, "", "timo."))
+    for key in report.renamed:
+        if ".attn.cheap_operation." in key:
+            report.droppable[key] = "unused offset branch of a non-D-STGA block (official TiMo_cls has one per block)"
+    return converted
+
+
 # task -> (model class, converter from an official state dict to the model's state dict)
-TASKS = {"backbone": (TiMoModel, _convert_backbone)}
+TASKS = {
+    "backbone": (TiMoModel, _convert_backbone),
+    "pretraining": (TiMoForMaskedImageModeling, _convert_pretraining),
+    "classification": (TiMoForImageClassification, _convert_classification),
+    "segmentation": (TiMoForSemanticSegmentation, _convert_segmentation),
+}
 
 
 def load_original_state_dict(checkpoint: str | os.PathLike | dict) -> dict:
@@ -113,7 +223,14 @@ def convert_original_checkpoint(
         checkpoint: path to an official `.pth` file (state dict under `"model"`) or the loaded dict itself.
             Loaded with `torch.load(weights_only=True)`.
         config: the `TiMoConfig` describing the checkpoint's architecture (e.g. `TiMoConfig.from_preset("base")`).
-        task: what the checkpoint holds. `"backbone"`: the official segmentation-file `TiMo` backbone.
+        task: what the checkpoint holds. `"backbone"`: the official segmentation-file `TiMo` backbone;
+            `"pretraining"`: the official `MaskedAutoencoderTiMo` (encoder and decoder; pass the decoder sizes in
+            `config.mim_decoder_*`; the target mode of the official run is `mim_target_normalization="batch"` with
+            `--norm_pix_loss`, `"none"` without);
+            `"classification"`: an official `TiMo_cls` classifier (a `TiMoForImageClassification`; set `num_labels`
+            to its head size; the offset branches of non-D-STGA blocks are dropped and reported);
+            `"segmentation"`: an official `SemsegFramework` (a `TiMoForSemanticSegmentation`; set `num_labels` and
+            `temporal_fusion`).
         return_report: also return the `ConversionReport` (renamed and dropped keys).
 
     Raises:
@@ -132,6 +249,16 @@ def convert_original_checkpoint(
 
     model = model_class(config)
     expected = model.state_dict()
+    for key, new_key in list(report.renamed.items()):
+        if new_key not in expected and key in report.droppable:
+            report.dropped[key] = report.droppable[key]
+            del report.renamed[key], converted[new_key]
+    unexpected = sorted(set(converted) - set(expected))
+    if unexpected:
+        raise ValueError(
+            f"The checkpoint has weights the configured model has no place for (task {task!r}); check the config "
+            f"(attention_types, depths, ...): {unexpected}"
+        )
     missing = sorted(set(expected) - set(converted))
     if missing:
         raise ValueError(f"The checkpoint lacks these timo_hf weights for task {task!r}: {missing}")
@@ -148,4 +275,11 @@ def convert_original_checkpoint(
     return (model, report) if return_report else model
 
 
-__all__ = ["convert_original_checkpoint", "ConversionReport", "load_original_state_dict", "rename_backbone_key"]
+__all__ = [
+    "convert_original_checkpoint",
+    "ConversionReport",
+    "load_original_state_dict",
+    "rename_backbone_key",
+    "rename_pretraining_key",
+    "rename_decoder_key",
+]

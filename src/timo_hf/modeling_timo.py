@@ -6,21 +6,25 @@ Data flow: `pixel_values [B, T, C, H, W]` -> per-frame convolutional stem (strid
 """
 
 import math
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BackboneOutput
+from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .attention_timo import TiMoQueryOffset, dstga_reference, stga_reference, temporal_median
+from .attention_fast import STGA_IMPLEMENTATIONS
+from .attention_timo import TiMoQueryOffset
 from .configuration_timo import TiMoConfig
 
 
@@ -235,7 +239,9 @@ class TiMoAttention(nn.Module):
     """Multi-head attention of one block: `"mhsa"`, `"stga"` or `"dstga"` (see the configuration docstring).
 
     MHSA goes through transformers' attention interface (SDPA by default), so the `(T*N)^2` matrix is never
-    materialised by this module. STGA and D-STGA use the kernels of `attention_timo`.
+    materialised by this module. STGA and D-STGA use the kernels named by `config.stga_implementation`: `"fast"`
+    (`attention_fast`, the default) or `"reference"` (`attention_timo`); the setting is read at every call, so it
+    can be switched on a loaded model.
     """
 
     def __init__(self, config: TiMoConfig, dim: int, num_heads: int, attention_type: str):
@@ -269,12 +275,13 @@ class TiMoAttention(nn.Module):
         else:
             frames = (batch_size, self.num_heads, num_frames, length // num_frames, self.head_dim)
             query, key, value = query.reshape(frames), key.reshape(frames), value.reshape(frames)
+            kernels = STGA_IMPLEMENTATIONS[self.config.stga_implementation]
             if self.attention_type == "stga":
-                output = stga_reference(query, key, value)
+                output = kernels.stga(query, key, value)
             else:
-                query_median = temporal_median(query)
+                query_median = kernels.median(query)
                 offset = self.query_offset(query, query_median)
-                output = dstga_reference(query, key, value, offset, query_median)
+                output = kernels.dstga(query, key, value, offset, query_median)
             output = output.flatten(2, 3).transpose(1, 2)
         return self.projection(output.reshape(batch_size, length, dim))
 
@@ -378,7 +385,7 @@ class TiMoPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["TiMoLayer"]
     _supports_sdpa = True
     _supports_flash_attn = False
-    _supports_flex_attn = True
+    _supports_flex_attn = False
     _supports_attention_backend = True
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -395,6 +402,36 @@ class TiMoPreTrainedModel(PreTrainedModel):
                 init.zeros_(module.bias)
         else:
             super()._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`; for classes registered for remote code (timo_hf registers them on
+        import) the folder gets the TiMo module files and an `auto_map` naming every Auto class those files provide
+        (config, bare model, backbone, heads), not only the saved class, so that any Auto class loads the folder
+        with `trust_remote_code=True` where timo_hf is not installed."""
+        if self.is_remote_code() and type(self).__module__ != "__main__":
+            self.config.auto_map = remote_code_auto_map(self)
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+
+def _subclasses(cls: type):
+    for subclass in cls.__subclasses__():
+        yield subclass
+        yield from _subclasses(subclass)
+
+
+def remote_code_auto_map(model: PreTrainedModel) -> dict[str, str]:
+    """`auto_map` for the folder `model` is saved to: every TiMo class registered for an Auto class whose module
+    file `save_pretrained` copies (the model's module and its relative imports), e.g.
+    `{"AutoConfig": "configuration_timo.TiMoConfig", "AutoModel": "modeling_timo.TiMoModel", ...}`."""
+    module_file = sys.modules[type(model).__module__].__file__
+    shipped = {Path(module_file).resolve()} | {Path(f).resolve() for f in get_relative_import_files(module_file)}
+    auto_map = {}
+    for cls in (type(model.config), *_subclasses(TiMoPreTrainedModel)):
+        module = sys.modules.get(cls.__module__)
+        file = getattr(module, "__file__", None)
+        if cls._auto_class is not None and file is not None and Path(file).resolve() in shipped:
+            auto_map[cls._auto_class] = f"{Path(file).stem}.{cls.__name__}"
+    return auto_map
 
 
 class TiMoEncoder(nn.Module):
@@ -540,4 +577,280 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
         )
 
 
-__all__ = ["TiMoPreTrainedModel", "TiMoModel", "TiMoBackbone", "TiMoModelOutput"]
+def check_labels(
+    labels: torch.Tensor, expected_shape: tuple[int, ...], num_labels: int, ignore_index: int | None = None
+) -> torch.Tensor:
+    """Validate class-index `labels` against the logits they score and return them as int64.
+
+    Raises a ValueError naming what was expected when the shape differs, the dtype is not integer, or a value lies
+    outside `[0, num_labels)` (other than `ignore_index`).
+    """
+    if tuple(labels.shape) != tuple(expected_shape):
+        raise ValueError(f"labels must have shape {tuple(expected_shape)}, got {tuple(labels.shape)}.")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
+    labels = labels.long()
+    valid = labels if ignore_index is None else labels[labels != ignore_index]
+    if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
+        allowed = f"[0, {num_labels - 1}]" + ("" if ignore_index is None else f" or the ignore index {ignore_index}")
+        raise ValueError(
+            f"labels must be class indices in {allowed}, got values from {valid.min().item()} to "
+            f"{valid.max().item()}."
+        )
+    return labels
+
+
+def check_num_labels(config: TiMoConfig, head: str) -> int:
+    """`config.num_labels`, or a ValueError when the head has no classes to predict."""
+    num_labels = config.num_labels
+    if num_labels is None or num_labels < 2:
+        raise ValueError(
+            f"{head} needs config.num_labels >= 2 (or an id2label mapping with that many classes), got "
+            f"{num_labels}; binary tasks use num_labels=2."
+        )
+    return num_labels
+
+
+class TiMoForImageClassification(TiMoPreTrainedModel):
+    """TiMo with a linear classifier on the mean of the last stage (official `TiMo_cls`).
+
+    `config.classifier_pooling = "mean"` averages over frames and positions and predicts one class per sample;
+    `"per_frame"` averages over positions only and predicts one class per frame (Sen12Flood).
+    """
+
+    # The loss is a mean over the batch, not a sum for `num_items_in_batch`: the Trainer must scale it for gradient
+    # accumulation (it would not if `**kwargs` in `forward` were taken as loss kwargs).
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: TiMoConfig):
+        super().__init__(config)
+        self.num_labels = check_num_labels(config, type(self).__name__)
+        self.timo = TiMoModel(config)
+        self.classifier = nn.Linear(config.hidden_sizes[-1], self.num_labels)
+        self.post_init()
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        temporal_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+                As for [`TiMoModel`]; the flattened `(batch_size, num_frames * num_channels, height, width)` of 4-D
+                tooling is read as frames of `config.num_channels` bands.
+            labels (`torch.LongTensor`, *optional*): class indices in `[0, num_labels)`, of shape `(batch_size,)`
+                for `"mean"` pooling or `(batch_size, num_frames)` for `"per_frame"`; the loss is cross-entropy
+                (averaged over frames too for `"per_frame"`).
+            temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
+                As for [`TiMoModel`].
+            output_hidden_states (`bool`, *optional*): also return the stem and stage maps of [`TiMoModel`].
+
+        Returns:
+            [`ImageClassifierOutput`]: `logits` `(batch_size, num_labels)` for `"mean"` pooling or
+            `(batch_size, num_frames, num_labels)` for `"per_frame"`; `loss` when `labels` are given;
+            `hidden_states` as [`TiMoModelOutput`] (5-D, one map per frame).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from timo_hf import TiMoConfig, TiMoForImageClassification
+        >>> config = TiMoConfig(hidden_sizes=[32, 64, 96, 128], num_heads=[2, 4, 6, 8], depths=[1, 1, 1, 1],
+        ...                     num_labels=4, classifier_pooling="per_frame")
+        >>> model = TiMoForImageClassification(config).eval()
+        >>> outputs = model(torch.randn(2, 3, 3, 64, 64), labels=torch.tensor([[0, 1, 1], [3, 3, 2]]))
+        >>> tuple(outputs.logits.shape), outputs.loss.ndim
+        ((2, 3, 4), 0)
+        ```
+        """
+        outputs = self.timo(
+            pixel_values, temporal_positions=temporal_positions, output_hidden_states=output_hidden_states
+        )
+        if self.config.classifier_pooling == "per_frame":
+            pooled = outputs.last_hidden_state.mean(dim=(3, 4))
+        else:
+            pooled = outputs.pooler_output
+        logits = self.classifier(pooled)
+        loss = None
+        if labels is not None:
+            labels = check_labels(labels, logits.shape[:-1], self.num_labels).to(logits.device)
+            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+def resize(feature_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize with `align_corners=False`, the only resampling of the UperNet head."""
+    return F.interpolate(feature_map, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+class TiMoConvModule(nn.Module):
+    """Conv2d (with bias, "same" padding) -> BatchNorm2d -> ReLU: every convolution of the UperNet head."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
+        self.batch_norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.batch_norm(self.conv(feature_map)))
+
+
+class TiMoPyramidPoolingModule(nn.Module):
+    """Pyramid pooling: for each scale `s`, adaptive average pooling to `s x s`, a 1x1 conv module, and a bilinear
+    resize back to the input grid."""
+
+    def __init__(self, pool_scales: list[int], in_channels: int, channels: int):
+        super().__init__()
+        self.pool_scales = list(pool_scales)
+        self.blocks = nn.ModuleList(TiMoConvModule(in_channels, channels, 1) for _ in self.pool_scales)
+
+    def forward(self, feature_map: torch.Tensor) -> list[torch.Tensor]:
+        size = feature_map.shape[-2:]
+        return [
+            resize(block(F.adaptive_avg_pool2d(feature_map, scale)), size)
+            for scale, block in zip(self.pool_scales, self.blocks)
+        ]
+
+
+class TiMoUperNetHead(nn.Module):
+    """UperNet decoder applied to each frame (official-timo.md 3.1): pyramid pooling on the last stage, lateral
+    1x1 convs and a top-down path (bilinear upsample-and-add) over the earlier stages, 3x3 FPN convs, all levels
+    resized to the first stage's grid and fused by a 3x3 conv, then resized to the input size.
+
+    Width `config.uper_hidden_size` (the last stage width when `None`, as official).
+    """
+
+    def __init__(self, config: TiMoConfig):
+        super().__init__()
+        in_channels = config.hidden_sizes
+        channels = config.uper_hidden_size or in_channels[-1]
+        self.pyramid_pooling = TiMoPyramidPoolingModule(config.uper_pool_scales, in_channels[-1], channels)
+        self.bottleneck = TiMoConvModule(in_channels[-1] + len(config.uper_pool_scales) * channels, channels, 3)
+        self.lateral_convs = nn.ModuleList(TiMoConvModule(width, channels, 1) for width in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(TiMoConvModule(channels, channels, 3) for _ in in_channels[:-1])
+        self.fpn_bottleneck = TiMoConvModule(len(in_channels) * channels, channels, 3)
+
+    def forward(self, feature_maps: list[torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
+        """Stage maps `[frames, C_i, h_i, w_i]` (first to last) -> features `[frames, channels, *output_size]`."""
+        top = feature_maps[-1]
+        laterals = [conv(feature_map) for conv, feature_map in zip(self.lateral_convs, feature_maps)]
+        laterals.append(self.bottleneck(torch.cat([top, *self.pyramid_pooling(top)], dim=1)))
+        for index in range(len(laterals) - 1, 0, -1):
+            laterals[index - 1] = laterals[index - 1] + resize(laterals[index], laterals[index - 1].shape[-2:])
+        levels = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        grid = levels[0].shape[-2:]
+        fused = self.fpn_bottleneck(torch.cat([levels[0]] + [resize(level, grid) for level in levels[1:]], dim=1))
+        return resize(fused, output_size)
+
+
+class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
+    """TiMo with the official segmentation framework: a UperNet decoder on every frame, temporal fusion, then
+    Dropout2d + a 1x1 classifier.
+
+    `config.temporal_fusion = "max"` takes the element-wise maximum of the decoder features over frames (one map
+    per sample); `"none"` classifies every frame (MultiEarth deforestation). The decoder output is resized to the
+    input size, so `height` and `width` need not be multiples of 32.
+    """
+
+    accepts_loss_kwargs = False  # mean loss, see TiMoForImageClassification
+
+    def __init__(self, config: TiMoConfig):
+        super().__init__(config)
+        self.num_labels = check_num_labels(config, type(self).__name__)
+        self.timo = TiMoModel(config)
+        self.decode_head = TiMoUperNetHead(config)
+        self.dropout = nn.Dropout2d(config.classifier_dropout)
+        self.classifier = nn.Conv2d(config.uper_hidden_size or config.hidden_sizes[-1], self.num_labels, 1)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Official head initialisation: UperNet convolutions Kaiming uniform (fan_in, ReLU), the classifier Xavier
+        uniform, zero biases; everything else as [`TiMoPreTrainedModel`]. Dispatched on the leaf modules (those
+        without own parameters may be skipped by transformers)."""
+        if module is self.classifier:
+            init.xavier_uniform_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d) and any(module is conv for conv in self.decode_head.modules()):
+            init.kaiming_uniform_(module.weight, a=0, mode="fan_in", nonlinearity="relu")
+            init.zeros_(module.bias)
+        else:
+            super()._init_weights(module)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        temporal_positions: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput:
+        r"""
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
+                As for [`TiMoModel`] (at least 32x32, any size above); the flattened
+                `(batch_size, num_frames * num_channels, height, width)` of 4-D tooling is accepted too.
+            labels (`torch.LongTensor`, *optional*): class indices in `[0, num_labels)` or
+                `config.semantic_loss_ignore_index`, of shape `(batch_size, height, width)` for `"max"` fusion or
+                `(batch_size, num_frames, height, width)` for `"none"`; the loss is pixel-wise cross-entropy over
+                the labelled pixels (0 when every pixel is ignored).
+            temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
+                As for [`TiMoModel`].
+            output_hidden_states (`bool`, *optional*): also return the stem and stage maps of [`TiMoModel`].
+
+        Returns:
+            [`SemanticSegmenterOutput`]: `logits` `(batch_size, num_labels, height, width)` for `"max"` fusion or
+            `(batch_size, num_frames, num_labels, height, width)` for `"none"`, at the input resolution; `loss`
+            when `labels` are given; `hidden_states` as [`TiMoModelOutput`] (5-D, one map per frame).
+
+        Example:
+
+        ```python
+        >>> import torch
+        >>> from timo_hf import TiMoConfig, TiMoForSemanticSegmentation
+        >>> config = TiMoConfig(hidden_sizes=[32, 64, 96, 128], num_heads=[2, 4, 6, 8], depths=[1, 1, 1, 1],
+        ...                     num_labels=5)
+        >>> model = TiMoForSemanticSegmentation(config).eval()
+        >>> outputs = model(torch.randn(2, 3, 3, 64, 80), labels=torch.randint(0, 5, (2, 64, 80)))
+        >>> tuple(outputs.logits.shape)
+        (2, 5, 64, 80)
+        ```
+        """
+        batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
+        outputs = self.timo(pixel_values, temporal_positions=temporal_positions, output_hidden_states=True)
+        stage_maps = [hidden_state.flatten(0, 1) for hidden_state in outputs.hidden_states[1:]]
+        features = self.decode_head(stage_maps, (height, width))
+        if self.config.temporal_fusion == "max":
+            logits = self.classifier(self.dropout(split_frames(features, batch_size).amax(dim=1)))
+        else:
+            logits = split_frames(self.classifier(self.dropout(features)), batch_size)
+        loss = None
+        if labels is not None:
+            ignore_index = self.config.semantic_loss_ignore_index
+            expected = logits.shape[:-3] + logits.shape[-2:]
+            labels = check_labels(labels, expected, self.num_labels, ignore_index).to(logits.device)
+            flat_logits, flat_labels = logits.reshape(-1, *logits.shape[-3:]), labels.reshape(-1, height, width)
+            if (flat_labels != ignore_index).any():
+                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
+            else:
+                loss = flat_logits.sum() * 0.0
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states if output_hidden_states else None
+        )
+
+
+__all__ = [
+    "TiMoPreTrainedModel",
+    "TiMoModel",
+    "TiMoBackbone",
+    "TiMoModelOutput",
+    "TiMoForImageClassification",
+    "TiMoForSemanticSegmentation",
+]

@@ -1,0 +1,375 @@
+"""Benchmark suite: reference vs fast STGA / D-STGA kernels, the whole TiMo-Base backbone, memory, FLOPs.
+
+    python -m benchmarks                       # everything; writes benchmarks/RESULTS.md
+    python -m benchmarks --list                # the case ids
+    python -m benchmarks --only attention/dstga --repeats 3 --no-write
+    python -m benchmarks --device cuda --output benchmarks/RESULTS-cuda.md
+
+Every case runs in its own Python process (fresh allocator, no page-cache effects carried from one case to the
+next); times are medians over `--repeats` runs after one warm-up run (two under torch.compile), memory is the peak
+extra memory of one more run (resident set on CPU, allocated memory on CUDA). The ratios are computed from numbers
+of the same run only, and every number written to RESULTS.md comes from this script.
+"""
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from .common import load_average
+from .flops_table7 import format_table7
+
+
+SHAPES = {
+    "T3-256px": (1, 3, 3, 256, 256),
+    "T12-128px": (1, 12, 10, 128, 128),
+    "T30-48px": (1, 30, 13, 48, 48),
+}
+SWEEP_FRAMES = (2, 4, 8, 16, 32)
+LAYOUTS = {
+    "M-M-M-M": ("mhsa", "mhsa", "mhsa", "mhsa"),
+    "S-M-M-M": ("stga", "mhsa", "mhsa", "mhsa"),
+    "D-M-M-M": ("dstga", "mhsa", "mhsa", "mhsa"),
+    "D-D-M-M": ("dstga", "dstga", "mhsa", "mhsa"),
+    "D-D-D-M": ("dstga", "dstga", "dstga", "mhsa"),
+    "D-D-D-D": ("dstga", "dstga", "dstga", "dstga"),
+}
+IMPLEMENTATIONS = ("reference", "fast")
+MEMORY_LIMIT_BYTES = 24 * 2**30
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def all_cases(device: str, repeats: int) -> list[dict]:
+    cases = [{"id": "matmul_peak", "kind": "matmul_peak"}]
+    for shape_id, shape in SHAPES.items():
+        for attention in ("dstga", "stga"):
+            for mode in ("fwd", "fwdbwd"):
+                for implementation in IMPLEMENTATIONS:
+                    cases.append(
+                        {
+                            "id": f"attention/{attention}/{shape_id}/{mode}/{implementation}",
+                            "kind": "attention", "attention": attention, "shape": shape, "mode": mode,
+                            "implementation": implementation, "repeats": repeats,
+                        }
+                    )
+    for implementation in IMPLEMENTATIONS:
+        cases.append(
+            {
+                "id": f"attention/dstga/T30-48px/fwdbwd/{implementation}+compile",
+                "kind": "attention", "attention": "dstga", "shape": SHAPES["T30-48px"], "mode": "fwdbwd",
+                "implementation": implementation, "compile": True, "repeats": repeats,
+            }
+        )
+    for frames in SWEEP_FRAMES:
+        for implementation in IMPLEMENTATIONS:
+            cases.append(
+                {
+                    "id": f"sweep/dstga/T{frames}-64px/fwdbwd/{implementation}",
+                    "kind": "attention", "attention": "dstga", "shape": (1, frames, 3, 64, 64), "mode": "fwdbwd",
+                    "implementation": implementation, "repeats": repeats,
+                }
+            )
+    for shape_id, shape in SHAPES.items():
+        for mode in ("fwd", "fwdbwd"):
+            for implementation in IMPLEMENTATIONS:
+                cases.append(
+                    {
+                        "id": f"backbone/D-D-M-M/{shape_id}/{mode}/{implementation}",
+                        "kind": "backbone", "layout": LAYOUTS["D-D-M-M"], "shape": shape, "mode": mode,
+                        "implementation": implementation, "repeats": max(1, repeats - 2),
+                    }
+                )
+    for name, layout in LAYOUTS.items():
+        cases.append(
+            {
+                "id": f"layout_memory/{name}/B2-T3-256px/fwdbwd/fast",
+                "kind": "layout_memory", "layout": layout, "shape": (2, 3, 3, 256, 256), "implementation": "fast",
+                "repeats": 1,
+            }
+        )
+    for case in cases:
+        case["device"] = device
+    return cases
+
+
+def run_case(case: dict, timeout: int) -> dict:
+    command = [sys.executable, "-m", "benchmarks.cases", json.dumps(case)]
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in reversed(completed.stdout.splitlines()):
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
+    return {"error": f"exit code {completed.returncode}: " + " | ".join(tail)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def _ms(result):
+    return f"{1e3 * result['time_s']:.1f}" if result and "time_s" in result else "n/a"
+
+
+def _mib(result):
+    return f"{result['peak_bytes'] / 2**20:.1f}" if result and "peak_bytes" in result else "n/a"
+
+
+def _ratio(numerator, denominator, key):
+    try:
+        return numerator[key] / max(denominator[key], 1)
+    except (TypeError, KeyError):
+        return None
+
+
+def _fmt_ratio(value):
+    return f"{value:.2f}x" if value is not None else "n/a"
+
+
+def _verdict(value, target):
+    if value is None:
+        return "not measured"
+    return "met" if value >= target else "NOT met"
+
+
+def build_report(results: dict, info: dict) -> str:
+    get = results.get
+    peak = (get("matmul_peak") or {}).get("matmul_peak", {}).get("flops_per_s")
+    machine = (get("matmul_peak") or {}).get("machine", {})
+    lines = ["# timo_hf benchmark results", ""]
+    lines += [
+        f"Written by `python -m benchmarks` on {info['date']} ({info['command']}). Every number below comes from "
+        "that one run; each case ran in its own process; times are medians of the listed repeats after a warm-up "
+        "run; memory is the extra peak resident memory of one further run (CPU: VmHWM above VmRSS before it).",
+        "",
+        "## Machine",
+        "",
+    ]
+    lines += [f"- {key}: {value}" for key, value in machine.items()]
+    lines += [f"- load average (1, 5, 15 min) before / after the run: {info['load_before']} / {info['load_after']}"]
+    if peak:
+        mp = get("matmul_peak")["matmul_peak"]
+        lines += [f"- measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s ({mp['size']}x{mp['size']} products)"]
+    lines += [""]
+
+    # Key ratios -------------------------------------------------------------------------------------------------
+    def att(attention, shape, mode, implementation):
+        return get(f"attention/{attention}/{shape}/{mode}/{implementation}")
+
+    rows = []
+
+    def add(name, value, target, detail=""):
+        rows.append((name, _fmt_ratio(value) if not isinstance(value, str) else value, target, detail))
+
+    d256_ref, d256_fast = att("dstga", "T3-256px", "fwdbwd", "reference"), att("dstga", "T3-256px", "fwdbwd", "fast")
+    s256_ref, s256_fast = att("stga", "T3-256px", "fwdbwd", "reference"), att("stga", "T3-256px", "fwdbwd", "fast")
+    d48_ref, d48_fast = att("dstga", "T30-48px", "fwdbwd", "reference"), att("dstga", "T30-48px", "fwdbwd", "fast")
+    d48_fast_c = att("dstga", "T30-48px", "fwdbwd", "fast+compile")
+    d48_ref_c = att("dstga", "T30-48px", "fwdbwd", "reference+compile")
+    value = _ratio(d256_ref, d256_fast, "time_s")
+    add("D-STGA stage-1 fwd+bwd speed-up, T=3 256px", value, ">= 5x", _verdict(value, 5))
+    value = _ratio(d48_ref, d48_fast, "time_s")
+    add("D-STGA stage-1 fwd+bwd speed-up, T=30 48px, eager", value, ">= 2x", _verdict(value, 2))
+    value = _ratio(d48_ref, d48_fast_c, "time_s")
+    add("D-STGA fwd+bwd, T=30 48px: fast compiled vs reference eager", value, ">= 4x", _verdict(value, 4))
+    value = _ratio(d48_ref_c, d48_fast_c, "time_s")
+    add("D-STGA fwd+bwd, T=30 48px: fast compiled vs reference compiled", value, "(info)", "")
+    value = _ratio(d256_ref, d256_fast, "peak_bytes")
+    add("D-STGA stage-1 fwd+bwd memory reduction, T=3 256px", value, ">= 20x", _verdict(value, 20))
+    value = _ratio(s256_ref, s256_fast, "time_s")
+    add("STGA stage-1 fwd+bwd speed-up, T=3 256px", value, ">= 3x", _verdict(value, 3))
+    value = _ratio(s256_ref, s256_fast, "peak_bytes")
+    add("STGA stage-1 fwd+bwd memory reduction, T=3 256px", value, "(same memory rule)", "")
+    for mode, target in (("fwd", 0.5), ("fwdbwd", 0.4)):
+        result = get(f"backbone/D-D-M-M/T3-256px/{mode}/fast")
+        fraction = result["flops"] / result["time_s"] / peak if result and "flops" in result and peak else None
+        label = "forward" if mode == "fwd" else "forward+backward"
+        add(
+            f"TiMo-Base D-D-M-M {label} at [1,3,3,256,256], fraction of matmul peak",
+            f"{100 * fraction:.1f}%" if fraction is not None else "n/a",
+            f">= {int(100 * target)}%",
+            _verdict(fraction, target),
+        )
+    layout_results = [get(f"layout_memory/{name}/B2-T3-256px/fwdbwd/fast") for name in LAYOUTS]
+    if all(r and "peak_bytes" in r for r in layout_results):
+        largest = max(r["peak_bytes"] for r in layout_results)
+        add(
+            "Six Table-7 layouts fwd+bwd at [2,3,3,256,256]: largest peak",
+            f"{largest / 2**30:.2f} GiB",
+            "< 24 GiB",
+            "met" if largest < MEMORY_LIMIT_BYTES else "NOT met",
+        )
+    else:
+        add("Six Table-7 layouts fwd+bwd at [2,3,3,256,256]", "n/a", "< 24 GiB", "not measured (or failed)")
+    lines += ["## Targets (issue #9)", "", "| what | measured | target | verdict |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += [""]
+
+    # Attention kernels ------------------------------------------------------------------------------------------
+    lines += [
+        "## Stage-1 attention kernels (TiMo-Base stage 1: 4 heads x 32 channels, batch 1)",
+        "",
+        "From the packed projections to the attention output; D-STGA includes its two temporal medians and the "
+        "offset branch. `fwd` without autograd, `fwdbwd` forward and backward.",
+        "",
+        "| attention | input | N | mode | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape_id in SHAPES:
+        for attention in ("dstga", "stga"):
+            for mode in ("fwd", "fwdbwd"):
+                ref, fast = att(attention, shape_id, mode, "reference"), att(attention, shape_id, mode, "fast")
+                tokens = (fast or ref or {}).get("tokens", "")
+                lines.append(
+                    f"| {attention} | {shape_id} | {tokens} | {mode} | {_ms(ref)} | {_ms(fast)} | "
+                    f"{_fmt_ratio(_ratio(ref, fast, 'time_s'))} | {_mib(ref)} | {_mib(fast)} | "
+                    f"{_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} |"
+                )
+    lines += [""]
+    lines += [
+        "torch.compile (fullgraph, default mode) of the same D-STGA step, T=30 48px, fwd+bwd:",
+        "",
+        "| implementation | eager ms | compiled ms | compiled speed-up over eager reference |",
+        "|---|---|---|---|",
+    ]
+    for implementation, compiled in (("reference", d48_ref_c), ("fast", d48_fast_c)):
+        eager = att("dstga", "T30-48px", "fwdbwd", implementation)
+        lines.append(
+            f"| {implementation} | {_ms(eager)} | {_ms(compiled)} | {_fmt_ratio(_ratio(d48_ref, compiled, 'time_s'))} |"
+        )
+    lines += [""]
+
+    # Sweep -------------------------------------------------------------------------------------------------------
+    lines += [
+        "## D-STGA over T at 64x64 px (N = 256 tokens per frame, 4 heads), forward+backward",
+        "",
+        "`N^2/(b,h)` is the size of one N x N float32 matrix per (batch, head) times batch x heads; the reference "
+        "holds several `T x N x (T + N)` tensors.",
+        "",
+        "| T | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio | N^2/(b,h) MiB | T*N^2/(b,h) MiB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for frames in SWEEP_FRAMES:
+        ref = get(f"sweep/dstga/T{frames}-64px/fwdbwd/reference")
+        fast = get(f"sweep/dstga/T{frames}-64px/fwdbwd/fast")
+        n2 = 4 * 256 * 256 * 4 / 2**20
+        lines.append(
+            f"| {frames} | {_ms(ref)} | {_ms(fast)} | {_fmt_ratio(_ratio(ref, fast, 'time_s'))} | {_mib(ref)} | "
+            f"{_mib(fast)} | {_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} | {n2:.1f} | {frames * n2:.1f} |"
+        )
+    lines += [""]
+
+    # Backbone ----------------------------------------------------------------------------------------------------
+    lines += [
+        "## Whole TiMo-Base backbone (D-D-M-M, eval mode)",
+        "",
+        "GFLOPs counted by `timo_hf.flops.count_flops` for the pass that was timed, on the same device (the fast "
+        "kernels recompute the spatial logits in backward, which is counted).",
+        "",
+        "| input | mode | implementation | ms | peak MiB | counted GFLOPs | GFLOP/s | fraction of matmul peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for shape_id in SHAPES:
+        for mode in ("fwd", "fwdbwd"):
+            for implementation in IMPLEMENTATIONS:
+                result = get(f"backbone/D-D-M-M/{shape_id}/{mode}/{implementation}")
+                if result and "flops" in result:
+                    rate = result["flops"] / result["time_s"]
+                    fraction = f"{100 * rate / peak:.1f}%" if peak else "n/a"
+                    lines.append(
+                        f"| {shape_id} | {mode} | {implementation} | {_ms(result)} | {_mib(result)} | "
+                        f"{result['flops'] / 1e9:.2f} | {rate / 1e9:.1f} | {fraction} |"
+                    )
+                else:
+                    error = (result or {}).get("error", "not run")
+                    lines.append(f"| {shape_id} | {mode} | {implementation} | n/a | n/a | n/a | n/a | {error} |")
+    lines += [""]
+
+    # Layout memory -----------------------------------------------------------------------------------------------
+    lines += [
+        "## Paper Table 7 layouts: one training step (train mode, forward+backward) at [2, 3, 3, 256, 256], fast kernels",
+        "",
+        "| layout | peak MiB | seconds | within 24 GiB |",
+        "|---|---|---|---|",
+    ]
+    for name in LAYOUTS:
+        result = get(f"layout_memory/{name}/B2-T3-256px/fwdbwd/fast")
+        if result and "peak_bytes" in result:
+            ok = "yes" if result["peak_bytes"] < MEMORY_LIMIT_BYTES else "NO"
+            lines.append(f"| {name} | {_mib(result)} | {result['time_s']:.1f} | {ok} |")
+        else:
+            lines.append(f"| {name} | n/a | n/a | {(result or {}).get('error', 'not run')} |")
+    lines += [""]
+
+    if info.get("table7"):
+        lines += [
+            "## Paper Table 7 FLOPs (reference kernels, counted on the meta device)",
+            "",
+            format_table7(info["table7"]),
+            "",
+        ]
+    errors = {case_id: r["error"] for case_id, r in results.items() if r and "error" in r}
+    if errors:
+        lines += ["## Failed cases", ""] + [f"- {case_id}: {error}" for case_id, error in errors.items()] + [""]
+    lines += ["## Raw results", "", "```json", json.dumps(results, indent=1, sort_keys=True), "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (backbone cases: 2 fewer)")
+    parser.add_argument("--only", nargs="*", default=None, help="run only the cases whose id contains one of these")
+    parser.add_argument("--list", action="store_true", help="list the case ids and exit")
+    parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
+    parser.add_argument("--output", type=Path, default=RESULTS, help="report path (default benchmarks/RESULTS.md)")
+    parser.add_argument("--no-write", action="store_true", help="print the report, do not write it")
+    parser.add_argument("--json", type=Path, default=None, help="also save the raw results as JSON here")
+    args = parser.parse_args(argv)
+
+    cases = all_cases(args.device, args.repeats)
+    if args.only:
+        cases = [c for c in cases if c["id"] == "matmul_peak" or any(key in c["id"] for key in args.only)]
+    if args.list:
+        print("\n".join(c["id"] for c in cases))
+        return
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_before": load_average(),
+    }
+    results = {}
+    for index, case in enumerate(cases, 1):
+        print(f"[{index}/{len(cases)}] {case['id']} ...", end=" ", flush=True)
+        results[case["id"]] = run_case(case, args.timeout)
+        result = results[case["id"]]
+        if "error" in result:
+            print("FAILED:", result["error"], flush=True)
+        elif "time_s" in result:
+            print(f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+        else:
+            print("done", flush=True)
+    if not args.only or any("table7" in key for key in args.only):
+        from timo_hf.flops import table7
+
+        info["table7"] = table7()
+    info["load_after"] = load_average()
+    report = build_report(results, info)
+    print(report.split("## Raw results")[0])
+    if args.json:
+        args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
+    if not args.no_write:
+        args.output.write_text(report)
+        print(f"written {args.output}")
+
+
+if __name__ == "__main__":
+    main()

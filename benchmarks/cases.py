@@ -1,0 +1,179 @@
+"""One benchmark case per process: `python -m benchmarks.cases '<json spec>'` prints `RESULT <json>` last.
+
+Kinds of case (the spec's `kind`):
+
+- `attention`: the stage-1 STGA or D-STGA attention of TiMo-Base (4 heads of 32 channels, `N = H/4 * W/4` tokens
+  per frame) from the projected queries/keys/values to the attention output, D-STGA's medians and offset branch
+  included; `mode` `fwd` (no grad) or `fwdbwd` (forward and backward of a fixed random output gradient);
+  optionally under `torch.compile`.
+- `backbone`: the whole TiMo-Base `TiMoModel` (eval mode) on `pixel_values` of `shape`, `fwd` or `fwdbwd`, with
+  its FLOPs counted by `timo_hf.flops.count_flops` on the same device for the same pass.
+- `layout_memory`: one training step's forward and backward (train mode) of TiMo-Base with an attention layout.
+- `matmul_peak`: the device's measured float32 matmul throughput.
+"""
+
+import json
+import statistics
+import sys
+
+import torch
+
+from timo_hf import TiMoConfig, TiMoModel
+from timo_hf.attention_fast import STGA_IMPLEMENTATIONS
+from timo_hf.attention_timo import TiMoQueryOffset
+from timo_hf.flops import count_flops
+
+from .common import PeakMemory, machine_info, matmul_peak, time_runs
+
+
+STAGE1_WIDTH, STAGE1_HEADS = 128, 4
+
+
+def stage1_tokens(shape) -> int:
+    """Tokens per frame after TiMo's stride-4 stem (7x7/2 conv with padding 3, then 2x2/2 conv)."""
+    height, width = shape[-2:]
+    return (((height + 1) // 2) // 2) * (((width + 1) // 2) // 2)
+
+
+def attention_step(attention: str, implementation: str, batch: int, frames: int, tokens: int, device: str):
+    """The attention as TiMoAttention runs it, from the packed `[B, T*N, 3*C]` projections to `[B, h, T, N, d]`."""
+    kernels = STGA_IMPLEMENTATIONS[implementation]
+    head_dim = STAGE1_WIDTH // STAGE1_HEADS
+    offset_branch = TiMoQueryOffset(head_dim).to(device) if attention == "dstga" else None
+    shape = (batch, STAGE1_HEADS, frames, tokens, head_dim)
+
+    def split(projections):
+        length = frames * tokens
+        query = projections[..., :STAGE1_WIDTH].view(batch, length, STAGE1_HEADS, head_dim).transpose(1, 2)
+        key, value = (
+            projections[..., STAGE1_WIDTH:]
+            .view(batch, length, 2, STAGE1_HEADS, head_dim)
+            .permute(2, 0, 3, 1, 4)
+            .unbind(0)
+        )
+        return query.reshape(shape), key.reshape(shape), value.reshape(shape)
+
+    def step(projections):
+        query, key, value = split(projections)
+        if attention == "stga":
+            return kernels.stga(query, key, value)
+        query_median = kernels.median(query)
+        offset = offset_branch(query, query_median)
+        return kernels.dstga(query, key, value, offset, query_median)
+
+    return step, offset_branch
+
+
+def run_attention(spec: dict) -> dict:
+    device = spec["device"]
+    batch, frames = spec["shape"][:2]
+    tokens = stage1_tokens(spec["shape"])
+    torch.manual_seed(0)
+    step, offset_branch = attention_step(spec["attention"], spec["implementation"], batch, frames, tokens, device)
+    if spec.get("compile"):
+        step = torch.compile(step, fullgraph=True)
+    projections = torch.randn(batch, frames * tokens, 3 * STAGE1_WIDTH, device=device)
+    grad = torch.randn(batch, STAGE1_HEADS, frames, tokens, STAGE1_WIDTH // STAGE1_HEADS, device=device)
+    if spec["mode"] == "fwd":
+        if offset_branch is not None:
+            offset_branch.eval()
+
+        def run():
+            with torch.no_grad():
+                step(projections)
+
+    else:
+        projections.requires_grad_(True)
+
+        def run():
+            step(projections).backward(grad)
+            projections.grad = None
+
+    warmup = 2 if spec.get("compile") else 1
+    times = time_runs(run, device, spec["repeats"], warmup=warmup)
+    with PeakMemory(device) as memory:
+        run()
+    return {"times_s": times, "time_s": statistics.median(times), "peak_bytes": memory.peak_bytes, "tokens": tokens}
+
+
+def base_model(spec: dict, train: bool) -> TiMoModel:
+    config = TiMoConfig.from_preset(
+        "base",
+        num_channels=spec["shape"][2],
+        attention_types=list(spec["layout"]),
+        stga_implementation=spec["implementation"],
+    )
+    model = TiMoModel(config).to(spec["device"])
+    return model.train(train)
+
+
+def run_backbone(spec: dict) -> dict:
+    device = spec["device"]
+    torch.manual_seed(0)
+    model = base_model(spec, train=False)
+    pixel_values = torch.randn(*spec["shape"], device=device)
+    backward = spec["mode"] == "fwdbwd"
+    flops = count_flops(model, pixel_values, backward=backward)
+    if not backward:
+
+        def run():
+            with torch.no_grad():
+                model(pixel_values)
+
+    else:
+
+        def run():
+            model(pixel_values).last_hidden_state.sum().backward()
+            model.zero_grad(set_to_none=True)
+
+    times = time_runs(run, device, spec["repeats"])
+    with PeakMemory(device) as memory:
+        run()
+    counted = flops["total"] if backward else flops["forward"]
+    return {
+        "times_s": times,
+        "time_s": statistics.median(times),
+        "peak_bytes": memory.peak_bytes,
+        "flops": counted,
+        "flops_forward": flops["forward"],
+    }
+
+
+def run_layout_memory(spec: dict) -> dict:
+    device = spec["device"]
+    torch.manual_seed(0)
+    model = base_model(spec, train=True)
+    pixel_values = torch.randn(*spec["shape"], device=device)
+    times = []
+
+    def run():
+        model(pixel_values).last_hidden_state.sum().backward()
+        model.zero_grad(set_to_none=True)
+
+    with PeakMemory(device) as memory:
+        times = time_runs(run, device, spec.get("repeats", 1), warmup=0)
+    return {"times_s": times, "time_s": statistics.median(times), "peak_bytes": memory.peak_bytes}
+
+
+def run_matmul_peak(spec: dict) -> dict:
+    return {"matmul_peak": matmul_peak(spec["device"]), "machine": machine_info(spec["device"])}
+
+
+RUNNERS = {
+    "attention": run_attention,
+    "backbone": run_backbone,
+    "layout_memory": run_layout_memory,
+    "matmul_peak": run_matmul_peak,
+}
+
+
+def main() -> None:
+    spec = json.loads(sys.argv[1])
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
+    result = RUNNERS[spec["kind"]](spec)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Per-band mean/std over a dataset, for TiMoImageProcessor's normalisation.
+
+``python -m timo_hf.data.stats <dataset name | export folder | repo id> [--data-dir RAW] [--split train]
+[--max-samples N] [--nodata 0] [--option key=value ...] [--output stats.json]`` streams the split and prints (or
+writes) ``{"band_names": [...], "image_mean": [...], "image_std": [...], "pixel_count": [...], "num_samples": n}``;
+``TiMoImageProcessor.from_statistics(<that file>)`` builds a processor from it.
+
+Statistics are accumulated per band in float64 with Chan's parallel update (per-sample mean and M2 merged), so
+uint16 reflectances over millions of pixels do not lose precision. NaN and the `nodata` value are excluded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Iterable
+
+import numpy as np
+
+
+def _merge(count, mean, m2, count_b, mean_b, m2_b):
+    total = count + count_b
+    safe = np.where(total > 0, total, 1)
+    delta = mean_b - mean
+    mean = mean + delta * count_b / safe
+    m2 = m2 + m2_b + delta**2 * count * count_b / safe
+    return total, mean, m2
+
+
+def compute_band_statistics(examples: Iterable[dict], *, nodata: float | None = None, max_samples: int | None = None,
+                            column: str = "pixel_values") -> dict:
+    """Mean/std per band of `column` ((T, C, H, W) arrays) over an iterable of examples (Dataset or streaming)."""
+    count = mean = m2 = None
+    band_names, num_samples = None, 0
+    for example in examples:
+        if max_samples is not None and num_samples >= max_samples:
+            break
+        pixels = np.asarray(example[column], dtype=np.float64)
+        channels = np.moveaxis(pixels, -3, 0).reshape(pixels.shape[-3], -1)  # (C, T*H*W)
+        valid = np.isfinite(channels) & ((channels != nodata) if nodata is not None else True)
+        count_b = valid.sum(axis=1).astype(np.float64)
+        mean_b = np.where(valid, channels, 0).sum(axis=1) / np.where(count_b > 0, count_b, 1)
+        m2_b = np.where(valid, (channels - mean_b[:, None]) ** 2, 0).sum(axis=1)
+        if count is None:
+            count, mean, m2 = count_b, mean_b, m2_b
+            band_names = list(example.get("band_names") or [f"band_{i}" for i in range(len(count_b))])
+        else:
+            count, mean, m2 = _merge(count, mean, m2, count_b, mean_b, m2_b)
+        num_samples += 1
+    if count is None:
+        raise ValueError("no examples to compute statistics from")
+    std = np.sqrt(m2 / np.where(count > 0, count, 1))
+    return {"band_names": band_names, "image_mean": mean.tolist(), "image_std": std.tolist(),
+            "pixel_count": count.astype(int).tolist(), "num_samples": num_samples, "nodata": nodata}
+
+
+def main(argv=None) -> dict:
+    from .loading import load_timo_dataset
+
+    parser = argparse.ArgumentParser(description="Per-band mean/std of a TiMo dataset split.")
+    parser.add_argument("name", help="dataset name (with --data-dir), export folder or Hub repo id")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--max-samples", type=int, default=None)
+    parser.add_argument("--nodata", type=float, default=None)
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                        help="builder option; the value is parsed as JSON when possible (e.g. bands='[\"B4\"]')")
+    parser.add_argument("--output", default=None, help="write the statistics JSON here (default: print)")
+    args = parser.parse_args(argv)
+    options = {}
+    for item in args.option:
+        key, _, value = item.partition("=")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    dataset = load_timo_dataset(args.name, data_dir=args.data_dir, split=args.split, streaming=True, **options)
+    stats = compute_band_statistics(dataset, nodata=args.nodata, max_samples=args.max_samples)
+    text = json.dumps(stats, indent=1)
+    if args.output:
+        with open(args.output, "w") as handle:
+            handle.write(text + "\n")
+    else:
+        print(text)
+    return stats
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,213 @@
+"""A scene: co-registered GeoTIFF frames on one grid, read window by window with rasterio.
+
+:class:`Scene` opens every frame, picks the bands the model needs (by name, from `--bands` or the files' band
+descriptions, else by count), checks that CRS, transform and size agree with the first frame (or, with `align`,
+resamples the others onto the first frame's grid through a GDAL warped VRT) and reads any window as a
+`(T, C, h, w)` float32 array in which nodata is NaN. Only the window is ever read, so memory follows the window size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+from rasterio.errors import NotGeoreferencedWarning
+from rasterio.vrt import WarpedVRT
+from rasterio.windows import Window
+
+from ..data.raster import resampling_method
+from ..image_processing_timo import canonical_band
+from .inputs import InputFrame
+
+
+def describe_grid(dataset) -> str:
+    crs = dataset.crs.to_string() if dataset.crs else "no CRS"
+    t = dataset.transform
+    return f"{dataset.width}x{dataset.height} px, {crs}, origin ({t.c:.6g}, {t.f:.6g}), pixel ({t.a:.6g}, {t.e:.6g})"
+
+
+def grid_differences(dataset, reference) -> list[str]:
+    """What differs between the grids of `dataset` and `reference` (empty when they are the same)."""
+    differences = []
+    if dataset.crs != reference.crs:
+        differences.append(f"CRS {dataset.crs} instead of {reference.crs}")
+    if (dataset.height, dataset.width) != (reference.height, reference.width):
+        differences.append(f"size {dataset.width}x{dataset.height} instead of {reference.width}x{reference.height}")
+    if not dataset.transform.almost_equals(reference.transform, precision=1e-6 * abs(reference.transform.a or 1)):
+        differences.append(f"transform {tuple(dataset.transform)[:6]} instead of {tuple(reference.transform)[:6]}")
+    return differences
+
+
+def select_bands(
+    frame: InputFrame,
+    dataset,
+    wanted: list[str] | None,
+    num_channels: int,
+    input_band_names: list[str] | None = None,
+) -> list[int]:
+    """1-based band indexes of `frame` to read, in the model's band order.
+
+    `wanted` are the image processor's band names (None: take the frame's bands in order, which must then be
+    exactly `num_channels`). The frame's own band names come from `input_band_names` (`--bands`) or the file's
+    band descriptions.
+    """
+    available = list(frame.bands) if frame.bands is not None else list(range(1, dataset.count + 1))
+    names = None
+    if input_band_names is not None:
+        if len(input_band_names) != len(available):
+            raise ValueError(
+                f"--bands names {len(input_band_names)} bands but {frame.label} has {len(available)} bands per date"
+            )
+        names = [canonical_band(name) for name in input_band_names]
+    elif all(dataset.descriptions[i - 1] for i in available):
+        names = [canonical_band(dataset.descriptions[i - 1]) for i in available]
+    if wanted is not None and names is not None:
+        missing = [band for band in wanted if canonical_band(band) not in names]
+        if not missing:
+            return [available[names.index(canonical_band(band))] for band in wanted]
+        if input_band_names is not None:
+            raise ValueError(f"{frame.label} lacks the bands {missing} the model needs (its bands: {input_band_names})")
+    expected = len(wanted) if wanted is not None else num_channels
+    if len(available) != expected:
+        needs = f" ({', '.join(wanted)})" if wanted else ""
+        raise ValueError(
+            f"{frame.label} has {len(available)} bands per date but the model expects {expected}{needs}; "
+            "name the file's bands with --bands so that the model's bands can be picked"
+        )
+    return available
+
+
+class Scene:
+    """Frames of one scene on the grid of the first frame; see the module docstring.
+
+    Args:
+        frames: the acquisitions, in the order the model sees them.
+        band_names: the model's bands (image processor `band_names`), or None to take every band in order.
+        num_channels: bands per frame the model expects (checked when `band_names` is None).
+        input_band_names: names of the bands of each frame in file order (`--bands`), if the files lack them.
+        align: resampling (`nearest`, `bilinear`, `cubic`, `average`) to put frames on the first frame's grid; None
+            refuses frames whose CRS, transform or size differ.
+        nodata: value marking missing data in every frame, in addition to each file's own nodata / mask.
+    """
+
+    def __init__(
+        self,
+        frames: list[InputFrame],
+        *,
+        band_names: list[str] | None,
+        num_channels: int,
+        input_band_names: list[str] | None = None,
+        align: str | None = None,
+        nodata: float | None = None,
+    ):
+        if not frames:
+            raise ValueError("a scene needs at least one frame")
+        self.frames = frames
+        self.nodata = nodata
+        self._stack = contextlib.ExitStack()
+        try:
+            self._open(band_names, num_channels, input_band_names, align)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _open(self, band_names, num_channels, input_band_names, align) -> None:
+        opened: dict[Path, object] = {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            for frame in self.frames:
+                if frame.path not in opened:
+                    try:
+                        opened[frame.path] = self._stack.enter_context(rasterio.open(frame.path))
+                    except rasterio.errors.RasterioIOError as error:
+                        raise ValueError(f"cannot open {frame.path}: {error}") from None
+        reference = opened[self.frames[0].path]
+        self.height, self.width = reference.height, reference.width
+        self.crs, self.transform = reference.crs, reference.transform
+        self.reference_path = self.frames[0].path
+
+        mismatched = {path: grid_differences(ds, reference) for path, ds in opened.items()}
+        mismatched = {path: diff for path, diff in mismatched.items() if diff}
+        if mismatched and align is None:
+            lines = "; ".join(f"{path.name}: {', '.join(diff)}" for path, diff in mismatched.items())
+            raise ValueError(
+                f"the inputs are not on one grid (reference {self.reference_path.name}: {describe_grid(reference)}): "
+                f"{lines}. Pass --align bilinear (or nearest, cubic, average) to resample them onto the first date's grid"
+            )
+        self.aligned = sorted(path.name for path in mismatched)
+        readers = {}
+        for path, dataset in opened.items():
+            if path in mismatched:
+                options = dict(crs=reference.crs, transform=reference.transform, width=self.width,
+                               height=self.height, resampling=resampling_method(align))
+                if dataset.nodata is None:
+                    options["add_alpha"] = True  # areas outside the source become masked, not zeros
+                else:
+                    options["nodata"] = dataset.nodata
+                dataset = self._stack.enter_context(WarpedVRT(dataset, **options))
+            readers[path] = dataset
+        self._readers = [readers[frame.path] for frame in self.frames]
+        self._indexes = [
+            select_bands(frame, opened[frame.path], band_names, num_channels, input_band_names)
+            for frame in self.frames
+        ]
+        self._masked = [
+            any(flags != [MaskFlags.all_valid] for flags in (reader.mask_flag_enums[i - 1] for i in indexes))
+            for reader, indexes in zip(self._readers, self._indexes)
+        ]
+
+    # ------------------------------------------------------------------------------------------------ properties
+    @property
+    def num_frames(self) -> int:
+        return len(self.frames)
+
+    @property
+    def num_bands(self) -> int:
+        return len(self._indexes[0])
+
+    @property
+    def dates(self) -> list | None:
+        dates = [frame.date for frame in self.frames]
+        return dates if all(dates) else None
+
+    def describe(self) -> str:
+        return f"{self.width}x{self.height} px, {self.num_frames} dates x {self.num_bands} bands, CRS {self.crs}"
+
+    # ------------------------------------------------------------------------------------------------ reading
+    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+        """`(T, C, h, w)` float32 values (NaN where missing) and the `(h, w)` mask of pixels missing in any band
+        of any frame. Parts of `window` outside the scene are missing."""
+        height, width = int(window.height), int(window.width)
+        row, col = int(window.row_off), int(window.col_off)
+        inside = Window(col, row, width, height).intersection(Window(0, 0, self.width, self.height))
+        top, left = int(inside.row_off) - row, int(inside.col_off) - col
+        h, w = int(inside.height), int(inside.width)
+        values = np.full((self.num_frames, self.num_bands, height, width), np.nan, dtype=np.float32)
+        missing = np.ones((height, width), dtype=bool)
+        if h and w:
+            block = np.empty((self.num_frames, self.num_bands, h, w), dtype=np.float32)
+            invalid = np.zeros((h, w), dtype=bool)
+            for t, (reader, indexes, masked) in enumerate(zip(self._readers, self._indexes, self._masked)):
+                block[t] = reader.read(indexes, window=inside, out_dtype=np.float32)
+                if masked:
+                    invalid |= (reader.read_masks(indexes, window=inside) == 0).any(axis=0)
+            invalid |= ~np.isfinite(block).all(axis=(0, 1))
+            if self.nodata is not None:
+                invalid |= (block == self.nodata).any(axis=(0, 1))
+            block[:, :, invalid] = np.nan
+            values[:, :, top : top + h, left : left + w] = block
+            missing[top : top + h, left : left + w] = invalid
+        return values, missing
+
+    def close(self) -> None:
+        self._stack.close()
+
+    def __enter__(self) -> "Scene":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,146 @@
+"""TiMoImageProcessor: bands by name, normalisation, temporal sampling/padding, nodata, spatial ops, save/load."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from timo_hf.data import compute_band_statistics, load_timo_dataset
+from timo_hf.data.stats import main as stats_main
+from timo_hf.image_processing_timo import NORMALIZATION_PRESETS, TiMoImageProcessor
+
+
+def _series(t=5, c=3, h=20, w=20, seed=0):
+    return np.random.default_rng(seed).integers(100, 3000, size=(t, c, h, w)).astype(np.uint16)
+
+
+DATES = ["2020-01-01", "2020-01-11", "2020-02-01", "2020-03-01", "2020-03-02"]
+
+
+def test_band_selection_by_name_and_normalisation():
+    image = _series(t=2, c=4)
+    processor = TiMoImageProcessor(band_names=["B4", "B3", "B2"], image_mean=[10, 20, 30], image_std=[2, 4, 5])
+    out = processor(image, band_names=["B02", "B03", "B04", "B08"], return_tensors="np")
+    assert out["pixel_values"].shape == (1, 2, 3, 32, 32) and out["pixel_values"].dtype == np.float32
+    expected = (image[:, [2, 1, 0]].astype(np.float32) - np.array([10, 20, 30])[:, None, None]) / \
+        np.array([2, 4, 5])[:, None, None]
+    np.testing.assert_allclose(out["pixel_values"][0, :, :, :20, :20], expected, rtol=1e-6)
+    with pytest.raises(ValueError, match="not in the input bands"):
+        processor(image, band_names=["B02", "B03", "B05", "B08"])
+    with pytest.raises(ValueError, match="expects"):
+        processor(image)  # 4 bands, no names: ambiguous
+
+
+def test_presets_state_their_source_and_match_band_counts():
+    for name, preset in NORMALIZATION_PRESETS.items():
+        assert preset["source"]
+        if preset["band_names"] is not None:
+            assert len(preset["band_names"]) == len(preset["image_mean"]) == len(preset["image_std"]), name
+    assert len(NORMALIZATION_PRESETS["s2_l2a_10"]["band_names"]) == 10
+    assert len(NORMALIZATION_PRESETS["s2_l2a_13"]["band_names"]) == 13
+    processor = TiMoImageProcessor(normalization="rgb_uint8")
+    out = processor(np.full((1, 3, 32, 32), 255, np.uint8), return_tensors="np")
+    np.testing.assert_allclose(out["pixel_values"], 1.0)  # TiMo pre-training: x / 255
+    scale = TiMoImageProcessor(normalization="reflectance_1e4")
+    assert scale(np.full((1, 13, 32, 32), 5000, np.uint16), return_tensors="np")["pixel_values"].max() == \
+        pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("mode, expected", [("first", [0, 1, 2]), ("evenly_spaced", [0, 2, 4])])
+def test_deterministic_temporal_sampling(mode, expected):
+    image = np.arange(5, dtype=np.float32)[:, None, None, None] * np.ones((5, 1, 32, 32), np.float32)
+    out = TiMoImageProcessor(num_frames=3, temporal_sampling=mode)(image, return_tensors="np")
+    assert out["pixel_values"][0, :, 0, 0, 0].tolist() == expected
+
+
+def test_random_sampling_is_seeded_and_chronological():
+    image = np.arange(8, dtype=np.float32)[:, None, None, None] * np.ones((8, 1, 32, 32), np.float32)
+    first = TiMoImageProcessor(num_frames=3, temporal_sampling="random", seed=7)
+    second = TiMoImageProcessor(num_frames=3, temporal_sampling="random", seed=7)
+    draws = [first(image, return_tensors="np")["pixel_values"][0, :, 0, 0, 0].tolist() for _ in range(4)]
+    assert draws == [second(image, return_tensors="np")["pixel_values"][0, :, 0, 0, 0].tolist() for _ in range(4)]
+    assert all(draw == sorted(draw) and len(set(draw)) == 3 for draw in draws)
+    assert len({tuple(draw) for draw in draws}) > 1  # successive calls draw different frames
+    again = first(image, seed=3, return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(again, first(image, seed=3, return_tensors="np")["pixel_values"])
+
+
+def test_padding_frames_and_temporal_positions():
+    images = [_series(t=2), _series(t=4, seed=1)]
+    dates = [DATES[:2], DATES[1:5]]
+    index = TiMoImageProcessor(num_frames=5)(images, dates=dates)
+    assert index["pixel_values"].shape == (2, 5, 3, 32, 32)
+    assert index["frame_mask"].tolist() == [[True, True, False, False, False], [True, True, True, True, False]]
+    assert index["temporal_positions"][0].tolist() == [0, 1, 2, 3, 4]  # official: frame index
+    assert (index["pixel_values"][0, 2:] == 0).all() and not index["valid_mask"][0, 2:].any()
+    days = TiMoImageProcessor(num_frames=5, temporal_encoding="days")(images, dates=dates)
+    assert days["temporal_positions"].tolist() == [[0, 10, 0, 0, 0], [0, 21, 50, 51, 0]]
+    with pytest.raises(ValueError, match="dates"):
+        TiMoImageProcessor(temporal_encoding="days")(images)
+
+
+def test_nodata_and_nan_become_fill_value_with_a_valid_mask():
+    image = _series(t=2, c=2, h=32, w=32).astype(np.float32)
+    image[0, 1, 3, 4] = np.nan
+    image[1, 0, 5, 6] = -9999
+    out = TiMoImageProcessor(nodata_value=-9999, fill_value=-1.0, image_mean=100.0, image_std=10.0)(
+        image, return_tensors="np")
+    valid = out["valid_mask"][0]
+    assert not valid[0, 3, 4] and not valid[1, 5, 6] and valid.sum() == 2 * 32 * 32 - 2
+    assert out["pixel_values"][0, 0, 1, 3, 4] == -1.0 and out["pixel_values"][0, 1, 0, 5, 6] == -1.0
+    assert np.isfinite(out["pixel_values"]).all()
+
+
+def test_resize_crop_and_pad_to_multiple_of_32_with_labels():
+    image, label = _series(t=2, h=50, w=70), np.arange(50 * 70).reshape(50, 70) % 7
+    out = TiMoImageProcessor(size=(60, 80), crop_size=40, random_crop=True, seed=0)(image, labels=label)
+    assert out["pixel_values"].shape == (1, 2, 3, 64, 64)
+    assert out["valid_mask"][0, :, :40, :40].all() and not out["valid_mask"][0, :, 40:].any()
+    assert out["labels"].shape == (1, 64, 64) and (out["labels"][0, 40:] == 255).all()
+    assert set(out["labels"][0, :40, :40].unique().tolist()) <= set(range(7))
+    exact = TiMoImageProcessor()(image, labels=label, return_tensors="np")  # no resize: labels untouched
+    np.testing.assert_array_equal(exact["labels"][0, :50, :70], label)
+    assert exact["pixel_values"].shape[-2:] == (64, 96)
+
+
+def test_per_frame_labels_follow_the_sampled_frames():
+    image = np.arange(4, dtype=np.float32)[:, None, None, None] * np.ones((4, 1, 32, 32), np.float32)
+    out = TiMoImageProcessor(num_frames=2, temporal_sampling="evenly_spaced")(
+        [image, image[:1]], labels=[[0, 1, 0, 1], [1]], return_tensors="np")
+    assert out["labels"].tolist() == [[0, 1], [1, -100]]
+
+
+def test_dataset_examples_and_save_load_round_trip(raw_roots, tmp_path):
+    ds = load_timo_dataset("multisenge", data_dir=raw_roots["multisenge"], cache_dir=str(tmp_path / "c"), split="train")
+    options = dict(normalization="s2_rgb", num_frames=3, temporal_sampling="random", seed=1,
+                   temporal_encoding="days", size=40)
+    processor = TiMoImageProcessor(**options)
+    batch = processor([ds[0], ds[1]])
+    assert isinstance(batch["pixel_values"], torch.Tensor) and batch["pixel_values"].shape == (2, 3, 3, 64, 64)
+    assert batch["labels"].shape == (2, 64, 64)
+    processor.save_pretrained(tmp_path / "proc")
+    saved = json.loads((tmp_path / "proc" / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "TiMoImageProcessor" and saved["band_names"] == ["B4", "B3", "B2"]
+    loaded = TiMoImageProcessor.from_pretrained(tmp_path / "proc")
+    assert loaded.to_dict() == processor.to_dict()
+    reloaded = loaded([ds[0], ds[1]])  # same seed -> same first draw as the original processor's first call
+    for key in batch:
+        torch.testing.assert_close(reloaded[key], batch[key])
+
+
+def test_statistics_command_and_from_statistics(raw_roots, tmp_path):
+    ds = load_timo_dataset("multisenge", data_dir=raw_roots["multisenge"], cache_dir=str(tmp_path / "c"), split="train")
+    stats = compute_band_statistics(ds)
+    pixels = np.concatenate([np.moveaxis(example["pixel_values"], 1, 0).reshape(10, -1) for example in ds], axis=1)
+    np.testing.assert_allclose(stats["image_mean"], pixels.mean(axis=1), rtol=1e-9)
+    np.testing.assert_allclose(stats["image_std"], pixels.std(axis=1), rtol=1e-9)
+    assert stats["band_names"] == ds[0]["band_names"] and stats["num_samples"] == len(ds)
+    out = tmp_path / "stats.json"
+    cli = stats_main(["multisenge", "--data-dir", str(raw_roots["multisenge"]), "--split", "train",
+                      "--output", str(out), "--option", 'bands=["B4", "B3", "B2"]'])
+    assert json.loads(out.read_text()) == cli and cli["band_names"] == ["B4", "B3", "B2"]
+    np.testing.assert_allclose(cli["image_mean"], np.asarray(stats["image_mean"])[[2, 1, 0]], rtol=1e-9)
+    processor = TiMoImageProcessor.from_statistics(out)
+    normalised = processor(ds[0]["pixel_values"], band_names=ds[0]["band_names"], return_tensors="np")
+    assert processor.band_names == ["B4", "B3", "B2"] and normalised["pixel_values"].shape[2] == 3

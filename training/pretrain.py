@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""Masked-image-modelling pre-training of TiMo (official objective, official-timo.md section 2) with accelerate.
+
+    accelerate launch training/pretrain.py --config training/configs/<name>.yaml [--section.key value ...]
+
+One CPU, several CPU processes (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 ...`) or many
+GPUs run the same script. Settings come from the defaults below, then the YAML file, then `--section.key value`
+overrides (`--key value` when only one section has the key, e.g. `--max_steps 100`, `--resume latest`,
+`--push_to_hub user/timo-mim`). `model.config` takes any `TiMoConfig` field (with `model.preset` as the base).
+
+Writes under `training.output_dir`: `checkpoints/step_<N>` (`accelerator.save_state`, every `save_steps`, the
+newest `save_total_limit` kept), `logs/metrics.jsonl` (loss, lr, samples/s per step; TensorBoard too when
+installed), `loss_curve.png`, `run_summary.json` (final loss, per-rank parameter digests) and `model/` (the final
+`save_pretrained` folder: config, safetensors, band normalisation, model card).
+
+`--resume latest` (or a checkpoint folder) continues exactly where the run stopped, mid-epoch included: the data
+order, the frame draws and the masks are functions of (seed, step, rank), and the checkpoint restores model,
+optimizer and RNG states. `training.stop_at_step` ends a run after that step with a checkpoint, keeping the
+schedule of `max_steps` (for time-limited jobs that resume later).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import (  # noqa: E402
+    CheckpointError,
+    CheckpointManager,
+    JsonlTracker,
+    derive_seed,
+    load_yaml,
+    make_trackers,
+    merge_config,
+    parse_cli_overrides,
+    plot_loss_curve,
+    push_folder_to_hub,
+    scaled_learning_rate,
+    set_learning_rate,
+    warmup_cosine_lr,
+    weight_decay_param_groups,
+)
+from pretrain_data import BandNormalizer, build_batches, estimate_band_statistics, first_examples, open_source  # noqa: E402
+
+from timo_hf import TiMoConfig, TiMoForMaskedImageModeling  # noqa: E402
+
+
+logger = logging.getLogger("timo_hf.pretrain")
+
+DEFAULTS = {
+    "model": {
+        "preset": None,  # "base" | "large" | "huge": start from an official size
+        "pretrained": None,  # a TiMoForMaskedImageModeling folder or Hub id to continue pre-training from
+        "config": {},  # TiMoConfig fields (override the preset / the pretrained config)
+    },
+    "data": {
+        "source": "npy",  # "timo" | "parquet" | "hub" | "npy" (see pretrain_data.py)
+        "path": None,  # data_dir of a timo_hf builder, Parquet folder/glob, Hub id, or .npy folder
+        "name": None,  # timo_hf dataset name ("millionst", ...) or Hub config name
+        "split": "train",
+        "streaming": False,
+        "num_frames": 3,  # frames drawn per series per step (paper Table 8: 3 of 10); null = all frames
+        "temporal_order": "sorted",  # "sorted" (chronological) | "random" (official draw order)
+        "short_series": "error",  # series with fewer frames than num_frames: "error" | "repeat" (with replacement)
+        "image_size": None,  # [H, W] to resize to (official: 224 x 224); multiples of model mask_unit_size
+        "normalization": "auto",  # "auto" (per-band stats of the first samples) | {mean, std, scale} | "none"
+        "normalization_samples": 64,
+        "shuffle_buffer": 256,  # streaming only
+        "num_workers": 0,
+    },
+    "training": {
+        "output_dir": "runs/pretrain",
+        "overwrite_output_dir": False,
+        "seed": 0,
+        "max_steps": None,  # optimizer steps; or num_epochs for map-style data
+        "num_epochs": None,
+        "per_device_batch_size": 8,
+        "gradient_accumulation_steps": 1,
+        "base_lr": 1.5e-4,  # lr = base_lr * effective_batch / 256 unless lr is given
+        "lr": None,
+        "min_lr": 0.0,
+        "warmup_steps": None,  # default: warmup_ratio of the run
+        "warmup_ratio": 0.1,
+        "weight_decay": 0.05,
+        "betas": [0.9, 0.95],
+        "max_grad_norm": None,  # gradient clipping (off by default, as official)
+        "mixed_precision": None,  # "no" | "bf16" | "fp16"; None: what `accelerate launch` says
+        "activation_checkpointing": False,
+        "logging_steps": 1,
+        "save_steps": 500,
+        "save_total_limit": 3,
+        "resume": None,  # "latest" or a checkpoint folder
+        "stop_at_step": None,
+        "push_to_hub": None,  # a Hub repository id for the final folder
+    },
+}
+
+
+def parse_args(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
+    parser.add_argument("--config", default=None, help="YAML file with model / data / training sections")
+    args, rest = parser.parse_known_args(argv)
+    return merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
+
+
+def build_model(model_settings: dict) -> TiMoForMaskedImageModeling:
+    overrides = dict(model_settings["config"])
+    if model_settings["pretrained"]:
+        return TiMoForMaskedImageModeling.from_pretrained(model_settings["pretrained"], **overrides)
+    if model_settings["preset"]:
+        config = TiMoConfig.from_preset(model_settings["preset"], **overrides)
+    else:
+        config = TiMoConfig(**overrides)
+    return TiMoForMaskedImageModeling(config)
+
+
+def make_normalizer(data: dict, source) -> BandNormalizer:
+    setting = data["normalization"]
+    if setting == "auto":
+        return estimate_band_statistics(first_examples(source, int(data["normalization_samples"])))
+    if setting == "none":
+        channels = first_examples(source, 1)[0].shape[1]
+        return BandNormalizer([0.0] * channels, [1.0] * channels)
+    if isinstance(setting, dict) and {"mean", "std"} <= set(setting):
+        return BandNormalizer(setting["mean"], setting["std"], setting.get("scale", 1.0))
+    raise ValueError(f"data.normalization must be 'auto', 'none' or {{mean: [...], std: [...]}}, got {setting!r}.")
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every parameter's bytes, in name order (equal digests = bit-identical weights)."""
+    digest = hashlib.sha256()
+    for name, parameter in sorted(model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def write_model_card(folder: Path, settings: dict, summary: dict, config: TiMoConfig) -> None:
+    training, data = settings["training"], settings["data"]
+    card = f"""---
+library_name: transformers
+tags:
+- timo
+- satellite-image-time-series
+- remote-sensing
+- masked-image-modeling
+- pretraining
+pipeline_tag: image-feature-extraction
+---
+
+# TiMo masked-image-modelling checkpoint
+
+TiMo (arXiv 2505.08723) pre-trained with the masked-image-modelling objective of the official code: mask units of
+{config.mask_unit_size} px, mask ratio {config.mask_ratio} drawn jointly over all frames, MHSA encoder over the
+visible units, decoder width {config.mim_decoder_hidden_size} / depth {config.mim_decoder_depth}, target
+normalisation `{config.mim_target_normalization}`. Produced by `training/pretrain.py` of timo_hf.
+
+Load the encoder for fine-tuning with `timo_hf` installed:
+
+```python
+import timo_hf
+from timo_hf import TiMoModel, TiMoForSemanticSegmentation
+encoder = TiMoModel.from_pretrained("<this folder or repo>")
+```
+
+The fine-tuning attention types are `{config.attention_types}`; D-STGA offset branches (if any) start from their
+initialisation, every other encoder weight comes from this checkpoint.
+
+## Training
+
+| setting | value |
+| --- | --- |
+| data | {data["source"]} `{data["path"]}` {data["name"] or ""} |
+| frames per series | {data["num_frames"]} ({data["temporal_order"]}) |
+| image size | {data["image_size"] or "native"} |
+| optimizer steps | {summary["steps"]} |
+| effective batch | {summary["effective_batch_size"]} |
+| peak learning rate | {summary["peak_lr"]:.3g} (AdamW {tuple(training["betas"])}, weight decay {training["weight_decay"]}) |
+| processes | {summary["world_size"]} |
+| final loss | {summary["final_loss"]} |
+
+Band normalisation applied to the inputs (`(x * scale - mean) / std`): see `band_normalization.json`.
+"""
+    (folder / "README.md").write_text(card)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    settings = parse_args(argv)
+    training, data = settings["training"], settings["data"]
+    output_dir = Path(training["output_dir"])
+    accelerator = Accelerator(
+        mixed_precision=training["mixed_precision"],
+        log_with=make_trackers(output_dir / "logs"),
+        project_dir=str(output_dir),
+    )
+    logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
+    seed = int(training["seed"])
+    set_seed(seed)
+    checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", training["save_total_limit"])
+    if checkpoints.checkpoints() and not training["resume"] and not training["overwrite_output_dir"]:
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
+            "--overwrite_output_dir true / another --output_dir to start over."
+        )
+
+    model = build_model(settings["model"])
+    config = model.config
+    if training["activation_checkpointing"]:
+        model.activation_checkpointing_enable()
+
+    source = open_source(data)
+    normalizer = make_normalizer(data, source)
+    if normalizer.mean.shape[0] != config.num_channels:
+        raise ValueError(
+            f"The data has {normalizer.mean.shape[0]} bands but the model expects config.num_channels = "
+            f"{config.num_channels}; set model.config.num_channels."
+        )
+
+    batch_size = int(training["per_device_batch_size"])
+    accumulation = int(training["gradient_accumulation_steps"])
+    world_size, rank = accelerator.num_processes, accelerator.process_index
+    effective_batch = batch_size * accumulation * world_size
+    peak_lr = training["lr"] or scaled_learning_rate(training["base_lr"], effective_batch)
+
+    optimizer = torch.optim.AdamW(
+        weight_decay_param_groups(model, training["weight_decay"]), lr=peak_lr, betas=tuple(training["betas"])
+    )
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    start_step = 0
+    if training["resume"]:
+        state = checkpoints.load(training["resume"])
+        start_step = int(state["step"])
+        if state.get("effective_batch_size") != effective_batch or state.get("world_size") != world_size:
+            logger.warning(
+                "Resuming with another batch layout (%s x %s processes) than the checkpoint's; the data order "
+                "continues from the same sample count but is no longer that of an uninterrupted run.",
+                effective_batch, world_size,
+            )
+
+    batches, micro_batches_per_epoch = build_batches(
+        data, normalizer, source, batch_size, world_size, rank, seed, start_micro_batch=start_step * accumulation
+    )
+    max_steps = training["max_steps"]
+    if max_steps is None:
+        if training["num_epochs"] is None or micro_batches_per_epoch is None:
+            raise ValueError("Set training.max_steps (required for streamed data) or training.num_epochs.")
+        max_steps = math.ceil(training["num_epochs"] * micro_batches_per_epoch / accumulation)
+    max_steps = int(max_steps)
+    warmup_steps = training["warmup_steps"]
+    if warmup_steps is None:
+        warmup_steps = int(training["warmup_ratio"] * max_steps)
+    stop_at = min(int(training["stop_at_step"] or max_steps), max_steps)
+
+    accelerator.init_trackers("timo_pretrain", config={k: str(v) for k, v in _flatten(settings).items()})
+    if start_step and accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if isinstance(tracker, JsonlTracker):
+                tracker.truncate_after(start_step)
+    logger.info(
+        "TiMo MIM pre-training: %d parameters, %d processes x %d x %d accumulation = batch %d, lr %.3g, steps %d..%d",
+        sum(p.numel() for p in model.parameters()), world_size, batch_size, accumulation, effective_batch, peak_lr,
+        start_step, stop_at,
+    )
+
+    unit = config.mask_unit_size
+    progress = tqdm(total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    model.train()
+    step, last_loss = start_step, None
+    while step < stop_at:
+        started = time.perf_counter()
+        learning_rate = warmup_cosine_lr(step, peak_lr, max_steps, warmup_steps, training["min_lr"])
+        set_learning_rate(optimizer, learning_rate)
+        losses = []
+        for micro in range(accumulation):
+            pixel_values = next(batches).to(accelerator.device)
+            frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
+            generator = torch.Generator().manual_seed(derive_seed(seed, step, micro, rank))
+            noise = torch.rand(pixel_values.shape[0], frames * (height // unit) * (width // unit), generator=generator)
+            sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+            with sync, accelerator.autocast():
+                loss = model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
+                accelerator.backward(loss / accumulation)
+            losses.append(loss.detach().float())
+        grad_norm = None
+        if training["max_grad_norm"]:
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training["max_grad_norm"]))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        last_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+        if not math.isfinite(last_loss):
+            raise FloatingPointError(f"Loss became {last_loss} at step {step}; lower the learning rate or check data.")
+        samples_per_second = effective_batch / (time.perf_counter() - started)
+        if step % int(training["logging_steps"]) == 0 or step == stop_at:
+            values = {"loss": last_loss, "lr": learning_rate, "samples_per_second": samples_per_second}
+            if grad_norm is not None:
+                values["grad_norm"] = grad_norm
+            if micro_batches_per_epoch:
+                values["epoch"] = step * accumulation / micro_batches_per_epoch
+            accelerator.log(values, step=step)
+        progress.set_postfix(loss=f"{last_loss:.4f}", lr=f"{learning_rate:.2e}", samples_s=f"{samples_per_second:.1f}")
+        progress.update(1)
+        if step % int(training["save_steps"]) == 0 or step == stop_at:
+            checkpoints.save(
+                step, {"world_size": world_size, "effective_batch_size": effective_batch, "max_steps": max_steps}
+            )
+    progress.close()
+
+    summary = {
+        "steps": step,
+        "final_loss": last_loss,
+        "world_size": world_size,
+        "effective_batch_size": effective_batch,
+        "peak_lr": peak_lr,
+        "rank_parameter_digests": gather_object([parameter_digest(accelerator.unwrap_model(model))]),
+        "finished": step >= max_steps,
+    }
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
+        plot_loss_curve(output_dir / "logs" / "metrics.jsonl", output_dir / "loss_curve.png")
+    if step >= max_steps:
+        save_final_folder(accelerator, model, normalizer, settings, summary, output_dir)
+    accelerator.end_training()
+    return summary
+
+
+def save_final_folder(accelerator, model, normalizer, settings: dict, summary: dict, output_dir: Path) -> None:
+    folder = output_dir / "model"
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    if accelerator.is_main_process:
+        (folder / "band_normalization.json").write_text(json.dumps(normalizer.to_dict(), indent=2))
+        write_model_card(folder, settings, summary, unwrapped.config)
+        if (output_dir / "loss_curve.png").is_file():
+            shutil.copy(output_dir / "loss_curve.png", folder / "loss_curve.png")
+        repo = settings["training"]["push_to_hub"]
+        if repo:
+            url = push_folder_to_hub(folder, repo, f"TiMo MIM pre-training, {summary['steps']} steps")
+            logger.info("Pushed %s to %s", folder, url)
+    accelerator.wait_for_everyone()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, FileExistsError, ValueError) as err:
+        logger.error("%s", err)
+        raise SystemExit(f"pretrain.py: error: {err}") from None
