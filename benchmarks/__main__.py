@@ -15,11 +15,13 @@ import argparse
 import datetime
 import json
 import os
+import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 
-from .common import load_average
+from .common import cpu_times, load_average, wait_until_idle
 from .flops_table7 import format_table7
 
 
@@ -95,20 +97,32 @@ def all_cases(device: str, repeats: int) -> list[dict]:
     return cases
 
 
-def run_case(case: dict, timeout: int) -> dict:
+def run_case(case: dict, timeout: int, idle_wait: float) -> dict:
+    """Run one case in a fresh process, after waiting for the machine to be idle; records how much CPU other
+    processes took while it ran (`others_cpu_share`, a fraction of all CPUs)."""
+    busy_before = wait_until_idle(max_wait=idle_wait) if idle_wait > 0 else None
     command = [sys.executable, "-m", "benchmarks.cases", json.dumps(case)]
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    busy0, total0 = cpu_times()
+    start = time.monotonic()
     try:
         completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
+    busy1, total1 = cpu_times()
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    own = (children_after.ru_utime + children_after.ru_stime) - (children_before.ru_utime + children_before.ru_stime)
+    ticks = os.sysconf("SC_CLK_TCK")
+    others = max(0.0, (busy1 - busy0) / ticks - own) / max((total1 - total0) / ticks, 1e-9)
+    context = {"busy_before_start": busy_before, "others_cpu_share": round(others, 3), "wall_s": time.monotonic() - start}
     for line in reversed(completed.stdout.splitlines()):
         if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
+            return {**json.loads(line[len("RESULT ") :]), **context}
     tail = (completed.stderr or completed.stdout).strip().splitlines()[-3:]
-    return {"error": f"exit code {completed.returncode}: " + " | ".join(tail)}
+    return {"error": f"exit code {completed.returncode}: " + " | ".join(tail), **context}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -125,7 +139,7 @@ def _mib(result):
 
 def _ratio(numerator, denominator, key):
     try:
-        return numerator[key] / max(denominator[key], 1)
+        return numerator[key] / max(denominator[key], 1e-12)
     except (TypeError, KeyError):
         return None
 
@@ -148,12 +162,17 @@ def build_report(results: dict, info: dict) -> str:
     lines += [
         f"Written by `python -m benchmarks` on {info['date']} ({info['command']}). Every number below comes from "
         "that one run; each case ran in its own process; times are medians of the listed repeats after a warm-up "
-        "run; memory is the extra peak resident memory of one further run (CPU: VmHWM above VmRSS before it).",
+        "run. Memory (`MiB`) is the peak of the tensors created by the measured code and alive at once (inputs "
+        "excluded; counted at the dispatcher, so scratch space inside a kernel is not seen); the raw results also "
+        "hold the peak resident-set growth of the process (`peak_resident_bytes`); for compiled cases only the "
+        "latter exists and is shown.",
         "",
         "## Machine",
         "",
     ]
     lines += [f"- {key}: {value}" for key, value in machine.items()]
+    clock = {"wall": "wall-clock time", "cpu": "process CPU time (one thread)"}[info.get("clock", "wall")]
+    lines += [f"- times measured as: {clock}; torch threads per case: {machine.get('torch_threads')}"]
     lines += [f"- load average (1, 5, 15 min) before / after the run: {info['load_before']} / {info['load_after']}"]
     if peak:
         mp = get("matmul_peak")["matmul_peak"]
@@ -316,6 +335,22 @@ def build_report(results: dict, info: dict) -> str:
             format_table7(info["table7"]),
             "",
         ]
+    disturbed = {
+        case_id: r["others_cpu_share"]
+        for case_id, r in results.items()
+        if r and r.get("others_cpu_share") is not None and r["others_cpu_share"] > 0.05
+    }
+    lines += ["## Contention", ""]
+    if disturbed:
+        lines += [
+            "Other processes on this shared machine took more than 5% of the CPUs while these cases ran, so their "
+            "times are pessimistic (multi-threaded operators wait for a descheduled thread):",
+            "",
+        ]
+        lines += [f"- {case_id}: {100 * share:.0f}%" for case_id, share in disturbed.items()]
+    else:
+        lines += ["No case ran while other processes took more than 5% of the CPUs."]
+    lines += [""]
     errors = {case_id: r["error"] for case_id, r in results.items() if r and "error" in r}
     if errors:
         lines += ["## Failed cases", ""] + [f"- {case_id}: {error}" for case_id, error in errors.items()] + [""]
@@ -329,13 +364,26 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per case (backbone cases: 2 fewer)")
     parser.add_argument("--only", nargs="*", default=None, help="run only the cases whose id contains one of these")
     parser.add_argument("--list", action="store_true", help="list the case ids and exit")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads in every case (default: torch's)")
+    parser.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall-clock time (default) or process CPU time (with --threads 1 only; for a busy shared machine)",
+    )
     parser.add_argument("--timeout", type=int, default=3600, help="seconds per case")
+    parser.add_argument(
+        "--idle-wait", type=float, default=300.0,
+        help="before each case, wait up to this many seconds for other processes to leave the CPUs (0: no wait)",
+    )
     parser.add_argument("--output", type=Path, default=RESULTS, help="report path (default benchmarks/RESULTS.md)")
     parser.add_argument("--no-write", action="store_true", help="print the report, do not write it")
     parser.add_argument("--json", type=Path, default=None, help="also save the raw results as JSON here")
     args = parser.parse_args(argv)
 
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1")
     cases = all_cases(args.device, args.repeats)
+    for case in cases:
+        case.update(threads=args.threads, clock=args.clock)
     if args.only:
         cases = [c for c in cases if c["id"] == "matmul_peak" or any(key in c["id"] for key in args.only)]
     if args.list:
@@ -345,16 +393,22 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "load_before": load_average(),
+        "threads": args.threads,
+        "clock": args.clock,
     }
     results = {}
     for index, case in enumerate(cases, 1):
         print(f"[{index}/{len(cases)}] {case['id']} ...", end=" ", flush=True)
-        results[case["id"]] = run_case(case, args.timeout)
+        results[case["id"]] = run_case(case, args.timeout, args.idle_wait)
         result = results[case["id"]]
         if "error" in result:
             print("FAILED:", result["error"], flush=True)
         elif "time_s" in result:
-            print(f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB", flush=True)
+            print(
+                f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB "
+                f"(others used {100 * result['others_cpu_share']:.0f}% of the CPUs meanwhile)",
+                flush=True,
+            )
         else:
             print("done", flush=True)
     if not args.only or any("table7" in key for key in args.only):

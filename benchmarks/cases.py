@@ -23,7 +23,8 @@ from timo_hf.attention_fast import STGA_IMPLEMENTATIONS
 from timo_hf.attention_timo import TiMoQueryOffset
 from timo_hf.flops import count_flops
 
-from .common import PeakMemory, machine_info, matmul_peak, time_runs
+from . import common
+from .common import PeakMemory, TensorMemory, machine_info, matmul_peak, measure_memory, time_runs
 
 
 STAGE1_WIDTH, STAGE1_HEADS = 128, 4
@@ -36,30 +37,26 @@ def stage1_tokens(shape) -> int:
 
 
 def attention_step(attention: str, implementation: str, batch: int, frames: int, tokens: int, device: str):
-    """The attention as TiMoAttention runs it, from the packed `[B, T*N, 3*C]` projections to `[B, h, T, N, d]`."""
+    """The attention as TiMoAttention runs it, from the query and packed key/value projections (`[B, T*N, C]` and
+    `[B, T*N, 2C]`, the outputs of its two linear layers) to the output `[B, h, T, N, d]`."""
     kernels = STGA_IMPLEMENTATIONS[implementation]
     head_dim = STAGE1_WIDTH // STAGE1_HEADS
     offset_branch = TiMoQueryOffset(head_dim).to(device) if attention == "dstga" else None
     shape = (batch, STAGE1_HEADS, frames, tokens, head_dim)
 
-    def split(projections):
+    def split(query_projection, key_value_projection):
         length = frames * tokens
-        query = projections[..., :STAGE1_WIDTH].view(batch, length, STAGE1_HEADS, head_dim).transpose(1, 2)
+        query = query_projection.view(batch, length, STAGE1_HEADS, head_dim).transpose(1, 2)
         key, value = (
-            projections[..., STAGE1_WIDTH:]
-            .view(batch, length, 2, STAGE1_HEADS, head_dim)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
+            key_value_projection.view(batch, length, 2, STAGE1_HEADS, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )
         return query.reshape(shape), key.reshape(shape), value.reshape(shape)
 
-    def step(projections):
-        query, key, value = split(projections)
+    def step(query_projection, key_value_projection):
+        query, key, value = split(query_projection, key_value_projection)
         if attention == "stga":
             return kernels.stga(query, key, value)
-        query_median = kernels.median(query)
-        offset = offset_branch(query, query_median)
-        return kernels.dstga(query, key, value, offset, query_median)
+        return kernels.dstga_with_offset(query, key, value, offset_branch)
 
     return step, offset_branch
 
@@ -72,7 +69,8 @@ def run_attention(spec: dict) -> dict:
     step, offset_branch = attention_step(spec["attention"], spec["implementation"], batch, frames, tokens, device)
     if spec.get("compile"):
         step = torch.compile(step, fullgraph=True)
-    projections = torch.randn(batch, frames * tokens, 3 * STAGE1_WIDTH, device=device)
+    query_projection = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device)
+    key_value_projection = torch.randn(batch, frames * tokens, 2 * STAGE1_WIDTH, device=device)
     grad = torch.randn(batch, STAGE1_HEADS, frames, tokens, STAGE1_WIDTH // STAGE1_HEADS, device=device)
     if spec["mode"] == "fwd":
         if offset_branch is not None:
@@ -80,20 +78,25 @@ def run_attention(spec: dict) -> dict:
 
         def run():
             with torch.no_grad():
-                step(projections)
+                step(query_projection, key_value_projection)
 
     else:
-        projections.requires_grad_(True)
+        query_projection.requires_grad_(True)
+        key_value_projection.requires_grad_(True)
 
         def run():
-            step(projections).backward(grad)
-            projections.grad = None
+            step(query_projection, key_value_projection).backward(grad)
+            query_projection.grad = key_value_projection.grad = None
 
     warmup = 2 if spec.get("compile") else 1
-    times = time_runs(run, device, spec["repeats"], warmup=warmup)
-    with PeakMemory(device) as memory:
-        run()
-    return {"times_s": times, "time_s": statistics.median(times), "peak_bytes": memory.peak_bytes, "tokens": tokens}
+    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=3.0)
+    if spec.get("compile"):  # compiled code allocates outside the dispatcher: only the resident set is measured
+        with PeakMemory(device) as resident:
+            run()
+        memory = {"peak_bytes": resident.peak_bytes, "peak_resident_bytes": resident.peak_bytes}
+    else:
+        memory = measure_memory(run, device)
+    return {"times_s": times, "time_s": statistics.median(times), "tokens": tokens, **memory}
 
 
 def base_model(spec: dict, train: bool) -> TiMoModel:
@@ -126,14 +129,12 @@ def run_backbone(spec: dict) -> dict:
             model(pixel_values).last_hidden_state.sum().backward()
             model.zero_grad(set_to_none=True)
 
-    times = time_runs(run, device, spec["repeats"])
-    with PeakMemory(device) as memory:
-        run()
+    times = time_runs(run, device, spec["repeats"], min_seconds=5.0)
     counted = flops["total"] if backward else flops["forward"]
     return {
         "times_s": times,
         "time_s": statistics.median(times),
-        "peak_bytes": memory.peak_bytes,
+        **measure_memory(run, device),
         "flops": counted,
         "flops_forward": flops["forward"],
     }
@@ -144,15 +145,21 @@ def run_layout_memory(spec: dict) -> dict:
     torch.manual_seed(0)
     model = base_model(spec, train=True)
     pixel_values = torch.randn(*spec["shape"], device=device)
-    times = []
 
     def run():
         model(pixel_values).last_hidden_state.sum().backward()
         model.zero_grad(set_to_none=True)
 
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as resident:
         times = time_runs(run, device, spec.get("repeats", 1), warmup=0)
-    return {"times_s": times, "time_s": statistics.median(times), "peak_bytes": memory.peak_bytes}
+    with TensorMemory() as tensors:
+        run()
+    return {
+        "times_s": times,
+        "time_s": statistics.median(times),
+        "peak_bytes": tensors.peak_bytes,
+        "peak_resident_bytes": resident.peak_bytes,
+    }
 
 
 def run_matmul_peak(spec: dict) -> dict:
@@ -171,6 +178,7 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
+    common.CLOCK = common.CLOCKS[spec.get("clock", "wall")]
     result = RUNNERS[spec["kind"]](spec)
     print("RESULT " + json.dumps(result), flush=True)
 

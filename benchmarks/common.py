@@ -4,8 +4,11 @@ import os
 import platform
 import statistics
 import time
+import weakref
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 
 def synchronize(device: str) -> None:
@@ -13,17 +16,30 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_runs(function, device: str, repeats: int, warmup: int = 1) -> list[float]:
-    """Wall-clock seconds of `repeats` calls after `warmup` calls."""
+CLOCKS = {
+    # Wall-clock time: what a user waits for; the default.
+    "wall": time.perf_counter,
+    # CPU time of the process: robust to other processes on a shared machine, but only meaningful with one
+    # thread (with several it also counts threads spinning while they wait).
+    "cpu": time.process_time,
+}
+CLOCK = CLOCKS["wall"]
+
+
+def time_runs(
+    function, device: str, repeats: int, warmup: int = 1, min_seconds: float = 0.0, max_repeats: int = 50
+) -> list[float]:
+    """Seconds (by `CLOCK`) of at least `repeats` calls after `warmup` calls; short cases are repeated until they
+    have run `min_seconds` in all (at most `max_repeats` times), so that their median is stable."""
     for _ in range(warmup):
         function()
     synchronize(device)
     times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
+        start = CLOCK()
         function()
         synchronize(device)
-        times.append(time.perf_counter() - start)
+        times.append(CLOCK() - start)
     return times
 
 
@@ -65,6 +81,46 @@ class PeakMemory:
         else:
             self.peak_bytes = _proc_status_kib("VmHWM") * 1024 - self._before
         return False
+
+
+class TensorMemory(TorchDispatchMode):
+    """Peak bytes of the tensor storages created inside the block and alive at the same time (any device).
+
+    Counts every storage an operator returns (inputs and tensors created before the block excluded), freed when its
+    storage is; deterministic, unlike the resident set. Scratch memory inside a kernel (e.g. the blocks of a fused
+    attention kernel) is not seen, nor is memory allocated by compiled (inductor) code.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.current = 0
+        self.peak_bytes = 0
+        self._live = {}
+
+    def _free(self, key):
+        self.current -= self._live.pop(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                storage = tensor.untyped_storage()
+                key = id(storage)
+                if key not in self._live and storage.nbytes():
+                    self._live[key] = storage.nbytes()
+                    self.current += storage.nbytes()
+                    self.peak_bytes = max(self.peak_bytes, self.current)
+                    weakref.finalize(storage, self._free, key)
+        return out
+
+
+def measure_memory(function, device: str) -> dict:
+    """Run `function` twice: once for the resident-set / CUDA-allocator peak, once for the tensor peak."""
+    with PeakMemory(device) as resident:
+        function()
+    with TensorMemory() as tensors:
+        function()
+    return {"peak_bytes": tensors.peak_bytes, "peak_resident_bytes": resident.peak_bytes}
 
 
 def matmul_peak(device: str, sizes=(2048, 4096), repeats: int = 7) -> dict:
@@ -110,6 +166,36 @@ def machine_info(device: str) -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name()
     return info
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat (Linux); (0, 0) elsewhere."""
+    try:
+        with open("/proc/stat") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+    except OSError:
+        return 0, 0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return sum(fields[:8]) - idle, sum(fields[:8])
+
+
+def busy_fraction(seconds: float = 1.0) -> float:
+    """Fraction of all CPUs busy (with anything) over the next `seconds`."""
+    busy0, total0 = cpu_times()
+    time.sleep(seconds)
+    busy1, total1 = cpu_times()
+    return (busy1 - busy0) / max(total1 - total0, 1)
+
+
+def wait_until_idle(threshold: float = 0.1, max_wait: float = 300.0) -> float:
+    """Wait (at most `max_wait` s) until other processes use less than `threshold` of the CPUs; return the last
+    measured busy fraction. Timings on a shared machine are only comparable when it is otherwise idle."""
+    deadline = time.monotonic() + max_wait
+    busy = busy_fraction()
+    while busy > threshold and time.monotonic() < deadline:
+        time.sleep(2.0)
+        busy = busy_fraction()
+    return busy
 
 
 def load_average() -> str:

@@ -6,6 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from timo_hf import TiMoConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 SHARED_GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
@@ -19,9 +21,18 @@ def load_golden(name: str) -> dict:
     return torch.load(path, weights_only=True)
 
 
-def official_attention_types(local_codes) -> list[str]:
-    """Translate the official per-stage `local` codes (0 MHSA, 1 STGA, 2 D-STGA)."""
-    return [{0: "mhsa", 1: "stga", 2: "dstga"}[int(code)] for code in local_codes]
+def config_from_official(official: dict, **fields) -> TiMoConfig:
+    """TiMoConfig of an official backbone description (`embed_dims`, `sa_num_heads`, `depths`, `local`, ...)
+    as stored in the golden files; `local` codes are 0 MHSA, 1 STGA, 2 D-STGA."""
+    return TiMoConfig(
+        hidden_sizes=official["embed_dims"],
+        num_heads=official["sa_num_heads"],
+        depths=official["depths"],
+        attention_types=[{0: "mhsa", 1: "stga", 2: "dstga"}[int(code)] for code in official["local"]],
+        mlp_ratio=official["mlp_ratios"][0],
+        qkv_bias=official["qkv_bias"],
+        **fields,
+    )
 
 
 @pytest.fixture

@@ -63,3 +63,16 @@ def test_attention_type_names_are_case_insensitive():
         "mhsa",
         "mhsa",
     ]
+
+
+# The paper's 91M / 298M / 675M count the official backbone with its 1000-class head: the same as TiMo with a
+# 1000-way linear classifier on the pooled last stage.
+@pytest.mark.parametrize(
+    "preset, expected", [("base", 91_223_920), ("large", 298_441_264), ("huge", 674_530_932)]
+)
+def test_parameter_counts_with_a_1000_class_head_match_the_paper(preset, expected):
+    from timo_hf import TiMoForImageClassification
+
+    with torch.device("meta"):
+        model = TiMoForImageClassification(TiMoConfig.from_preset(preset, num_labels=1000))
+    assert sum(p.numel() for p in model.parameters()) == expected

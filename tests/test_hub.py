@@ -221,3 +221,15 @@ def test_push_to_hub_offline_simulation(tmp_path, config):
     assert_same_state(model, reloaded)
     pixel_values = torch.randn(2, 3, 3, 32, 32)
     assert torch.equal(logits_of(model, pixel_values), logits_of(reloaded, pixel_values))
+
+
+def test_image_processor_loads_through_auto_image_processor(tmp_path):
+    from transformers import AutoImageProcessor
+
+    from timo_hf import TiMoImageProcessor
+
+    processor = TiMoImageProcessor(band_names=["B4", "B3", "B2"], image_mean=[0.1, 0.2, 0.3], image_std=[1, 2, 3])
+    processor.save_pretrained(tmp_path)
+    reloaded = AutoImageProcessor.from_pretrained(tmp_path)
+    assert isinstance(reloaded, TiMoImageProcessor)
+    assert reloaded.to_dict() == processor.to_dict()

@@ -70,7 +70,8 @@ def test_official_pretraining_model_is_reproduced(golden, case, target):
 
 
 def test_pretraining_key_renaming():
-    assert rename_pretraining_key("block2.0.attn.kv.weight") == "timo.encoder.stages.1.layers.0.attention.key_value.weight"
+    key_value = "timo.encoder.stages.1.layers.0.attention.key_value.weight"
+    assert rename_pretraining_key("block2.0.attn.kv.weight") == key_value
     assert rename_pretraining_key("decoder_blocks.3.attn.q.bias") == "decoder.layers.3.attention.query.bias"
     assert rename_pretraining_key("decoder_blocks.0.norm2.weight") == "decoder.layers.0.layernorm_after.weight"
     assert rename_pretraining_key("decoder_pred.weight") == "decoder.prediction.weight"

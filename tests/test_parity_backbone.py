@@ -5,7 +5,7 @@ import torch
 
 from timo_hf import TiMoConfig, convert_original_checkpoint
 
-from .conftest import load_golden, official_attention_types
+from .conftest import config_from_official, load_golden
 
 
 @pytest.fixture(scope="module")
@@ -14,16 +14,7 @@ def golden():
 
 
 def config_of(golden) -> TiMoConfig:
-    official = golden["config"]
-    return TiMoConfig(
-        num_channels=official["in_chans"],
-        hidden_sizes=official["embed_dims"],
-        num_heads=official["sa_num_heads"],
-        depths=official["depths"],
-        attention_types=official_attention_types(official["local"]),
-        mlp_ratio=official["mlp_ratios"][0],
-        qkv_bias=official["qkv_bias"],
-    )
+    return config_from_official(golden["config"], num_channels=golden["config"]["in_chans"])
 
 
 def max_errors(model, pixel_values, expected):

@@ -9,7 +9,7 @@ import torch
 from timo_hf import TiMoConfig, convert_original_checkpoint
 from timo_hf.convert_original import TASKS, ConversionReport
 
-from .conftest import SHARED_GOLDEN, load_golden, official_attention_types
+from .conftest import SHARED_GOLDEN, config_from_official, load_golden
 
 
 OFFICIAL_KEYS = SHARED_GOLDEN.parent / "spec" / "official-keys"
@@ -20,28 +20,16 @@ def golden():
     return load_golden("timo_official_heads_small.pt")
 
 
-def config_of(official: dict, **task_fields) -> TiMoConfig:
-    return TiMoConfig(
-        hidden_sizes=official["embed_dims"],
-        num_heads=official["sa_num_heads"],
-        depths=official["depths"],
-        attention_types=official_attention_types(official["local"]),
-        mlp_ratio=official["mlp_ratios"][0],
-        qkv_bias=official["qkv_bias"],
-        **task_fields,
-    )
-
-
 def segmentation_config(golden, fusion: str) -> TiMoConfig:
     seg = golden["seg"]
-    return config_of(
+    return config_from_official(
         seg["backbone_config"], num_channels=seg["in_chans"], num_labels=seg["classes"], temporal_fusion=fusion
     )
 
 
 def classification_config(golden, pooling: str) -> TiMoConfig:
     official = golden["cls"]["config"]
-    return config_of(
+    return config_from_official(
         official,
         num_channels=official["in_chans"],
         num_labels=official["num_classes"],

@@ -2,6 +2,7 @@
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from timo_hf import TiMoForMaskedImageModeling, TiMoForSemanticSegmentation
+from timo_hf.image_processing_timo import TiMoImageProcessor
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,24 +56,27 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus) -> Path:
     run_dir = tmp_path_factory.mktemp("trained")
-    run_script(run_dir, corpus, "--max_steps", "40", "--lr", "3e-3", "--save_steps", "1000")
+    run_script(run_dir, corpus, "--max_steps", "40", "--lr", "4e-3", "--save_steps", "1000")
     return run_dir
 
 
 # ---------------------------------------------------------------------------------------------- learning
 def test_loss_falls_clearly_on_a_generated_corpus(trained_run):
-    """40 steps of batch 4, tiny model, per-unit normalised targets: the mean loss of the last 10 steps must be
-    below 75% of the first 5 (measured: 1.02 -> 0.51)."""
+    """40 steps of batch 4 at lr 4e-3 (warm-up 2, cosine), tiny model, per-unit normalised targets: the mean loss
+    of the last 10 steps must be below 80% of that of the first 5 (measured 1.03 -> 0.55; over seeds 0-3 the ratio
+    was 0.45-0.63)."""
     per_step = losses(trained_run)
     assert sorted(per_step) == list(range(1, 41))
     first, last = np.mean([per_step[s] for s in range(1, 6)]), np.mean([per_step[s] for s in range(31, 41)])
-    assert last < 0.75 * first, (first, last)
+    assert last < 0.8 * first, (first, last)
     records = common.read_jsonl(trained_run / "logs" / "metrics.jsonl")
     assert all({"loss", "lr", "samples_per_second", "epoch"} <= set(r) for r in records)
     assert (trained_run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     folder = trained_run / "model"
-    for name in ("config.json", "model.safetensors", "band_normalization.json", "README.md"):
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md"):
         assert (folder / name).is_file(), name
+    processor = TiMoImageProcessor.from_pretrained(folder)
+    assert len(processor.image_mean) == 3 and 20 < processor.image_mean[0] < 240
     summary = json.loads((trained_run / "run_summary.json").read_text())
     assert summary["finished"] and summary["steps"] == 40
 
@@ -81,7 +86,8 @@ def test_a_script_checkpoint_fine_tunes_through_semantic_segmentation(trained_ru
     mim = TiMoForMaskedImageModeling.from_pretrained(folder)
     model = TiMoForSemanticSegmentation.from_pretrained(folder, num_labels=3)
     assert model.config.attention_types == ["dstga", "dstga", "mhsa", "mhsa"]
-    assert torch.equal(model.timo.encoder.stages[2].layers[0].mlp.fc1.weight, mim.timo.encoder.stages[2].layers[0].mlp.fc1.weight)
+    for key, value in mim.timo.state_dict().items():
+        assert torch.equal(model.timo.state_dict()[key], value), key
     assert torch.equal(model.timo.embeddings.stem.conv1.weight, mim.timo.embeddings.stem.conv1.weight)
     torch.manual_seed(0)
     pixel_values = torch.randn(2, 3, 3, 64, 64)
@@ -132,17 +138,22 @@ def test_resume_errors_are_clear_and_lose_nothing(tmp_path, corpus):
     with pytest.raises(common.CheckpointError, match="cannot read training_state.json"):
         run_script(tmp_path, corpus, *settings, "--max_steps", "3", "--resume", str(latest))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
+    # starting over is an explicit choice: the corrupt checkpoints are replaced by the new run's
+    assert run_script(tmp_path, corpus, *settings, "--overwrite_output_dir", "true")["finished"]
+    assert json.loads((latest / "training_state.json").read_text())["step"] == 2
+    assert sorted(losses(tmp_path)) == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------- distributed
 def test_two_process_ddp_run_keeps_ranks_identical(tmp_path, corpus):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    from accelerate.utils import get_free_port
-
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(get_free_port()),
+        "--main_process_port", str(port),
         str(REPO / "training" / "pretrain.py"), "--config", TINY, "--data.path", str(corpus),
         "--output_dir", str(tmp_path), "--max_steps", "3", "--save_steps", "2", "--per_device_batch_size", "2",
     ]
@@ -172,7 +183,8 @@ def test_series_shorter_than_the_frame_draw(tmp_path):
 
 
 def test_configuration_merging_and_overrides():
-    overrides = common.parse_cli_overrides(["--lr", "1e-3", "--model.config.mask_ratio=0.5", "--data.image_size", "[32, 32]"])
+    tokens = ["--lr", "1e-3", "--model.config.mask_ratio=0.5", "--data.image_size", "[32, 32]"]
+    overrides = common.parse_cli_overrides(tokens)
     assert overrides == {"lr": 0.001, "model.config.mask_ratio": 0.5, "data.image_size": [32, 32]}
     merged = common.merge_config(pretrain.DEFAULTS, {"training": {"max_steps": 5}}, overrides)
     assert merged["training"]["lr"] == 0.001 and merged["training"]["max_steps"] == 5
@@ -213,3 +225,19 @@ def test_push_to_hub_uploads_the_final_folder(tmp_path):
 
     assert common.push_folder_to_hub(tmp_path, "user/timo-mim", "msg", api=FakeApi()) == "https://hub/commit/1"
     assert calls == [("create_repo", "user/timo-mim"), ("upload_folder", str(tmp_path), "user/timo-mim")]
+
+
+def test_project_dataset_loader_streams_into_the_script(tmp_path):
+    """data.source timo: the MillionST builder (official npy + CSV layout), streamed and read through the image
+    processor."""
+    from timo_hf.data.synthetic import write_millionst
+
+    raw = write_millionst(tmp_path / "millionst", layout="npy", num_locations=4, num_timestamps=10, size=64)
+    summary = run_script(
+        tmp_path / "run", raw, "--data.source", "timo", "--data.name", "millionst", "--data.streaming", "true",
+        "--data.options", "{layout: npy}", "--data.normalization", "rgb_uint8", "--max_steps", "2",
+        "--per_device_batch_size", "2", "--save_steps", "1000",
+    )
+    assert summary["finished"] and np.isfinite(summary["final_loss"])
+    processor = TiMoImageProcessor.from_pretrained(tmp_path / "run" / "model")
+    assert processor.normalization == "rgb_uint8"

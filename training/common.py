@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -112,6 +114,17 @@ def merge_config(defaults: dict, file_config: dict | None, overrides: dict[str, 
     return config
 
 
+def flatten_settings(tree: dict, prefix: str = "") -> dict:
+    """`{"training": {"lr": 1e-3}}` -> `{"training.lr": 1e-3}` (empty mappings kept as values), for trackers."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten_settings(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def load_yaml(path: str | os.PathLike | None) -> dict:
     if path is None:
         return {}
@@ -158,6 +171,28 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) ->
         group["lr"] = learning_rate
 
 
+def optimizer_step(accelerator, model, optimizer, loss_of, accumulation: int, max_grad_norm: float | None,
+                   step: int) -> tuple[float, float | None]:
+    """One optimizer step over `accumulation` micro-batches: `loss_of(micro)` computes the loss of micro-batch
+    `micro` (under autocast; gradients are synchronised across processes on the last one only), backward of
+    `loss / accumulation`, optional clipping, step, zero_grad. Returns the loss averaged over micro-batches and
+    processes and the gradient norm (None without clipping); a non-finite loss raises FloatingPointError."""
+    losses = []
+    for micro in range(accumulation):
+        sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+        with sync, accelerator.autocast():
+            loss = loss_of(micro)
+            accelerator.backward(loss / accumulation)
+        losses.append(loss.detach().float())
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)) if max_grad_norm else None
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    mean_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError(f"Loss became {mean_loss} at step {step + 1}; lower the learning rate or check data.")
+    return mean_loss, grad_norm
+
+
 def derive_seed(*parts: int) -> int:
     """A 32-bit seed that depends on every part (run seed, epoch, step, rank, ...), independent of global RNGs."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
@@ -165,7 +200,8 @@ def derive_seed(*parts: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- tracking
 class JsonlTracker(GeneralTracker):
-    """accelerate tracker writing one JSON object per `log` call (`{"step": N, ...values}`) to `<dir>/metrics.jsonl`."""
+    """accelerate tracker writing one JSON object per `log` call (`{"step": N, ...values}`) to
+    `<dir>/metrics.jsonl`."""
 
     name = "jsonl"
     requires_logging_directory = True
@@ -196,12 +232,8 @@ class JsonlTracker(GeneralTracker):
 def make_trackers(logging_dir: str | os.PathLike) -> list:
     """The JSONL tracker, plus accelerate's TensorBoard tracker when `tensorboard` is installed."""
     trackers: list = [JsonlTracker(logging_dir)]
-    try:
-        import tensorboard  # noqa: F401
-
+    if importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")
-    except ImportError:
-        pass
     return trackers
 
 
@@ -325,6 +357,26 @@ class CheckpointManager:
                 "deleted; resume from another checkpoint with --resume <folder>."
             ) from err
         return training_state
+
+
+def open_checkpoints(accelerator, output_dir: str | os.PathLike, training: dict) -> CheckpointManager:
+    """The `CheckpointManager` of `<output_dir>/checkpoints` (`training.save_total_limit`); refuses to start a new run
+    over existing checkpoints unless `training.resume` or `training.overwrite_output_dir` is set."""
+    checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", training["save_total_limit"])
+    if checkpoints.checkpoints() and not training["resume"] and not training["overwrite_output_dir"]:
+        raise FileExistsError(
+            f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
+            "--overwrite_output_dir true / another --output_dir to start over."
+        )
+    return checkpoints
+
+
+def truncate_logs_after(accelerator, step: int) -> None:
+    """A run resumed from `step` logs the later steps again: drop them from the JSONL log first (main process)."""
+    if step and accelerator.is_main_process:
+        for tracker in accelerator.trackers:
+            if isinstance(tracker, JsonlTracker):
+                tracker.truncate_after(step)
 
 
 def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, commit_message: str, api=None) -> str:

@@ -11,7 +11,7 @@ overrides (`--key value` when only one section has the key, e.g. `--max_steps 10
 Writes under `training.output_dir`: `checkpoints/step_<N>` (`accelerator.save_state`, every `save_steps`, the
 newest `save_total_limit` kept), `logs/metrics.jsonl` (loss, lr, samples/s per step; TensorBoard too when
 installed), `loss_curve.png`, `run_summary.json` (final loss, per-rank parameter digests) and `model/` (the final
-`save_pretrained` folder: config, safetensors, band normalisation, model card).
+`save_pretrained` folder: config, safetensors, image-processor config, model card).
 
 `--resume latest` (or a checkpoint folder) continues exactly where the run stopped, mid-epoch included: the data
 order, the frame draws and the masks are functions of (seed, step, rank), and the checkpoint restores model,
@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     CheckpointManager,
     JsonlTracker,
     derive_seed,
+    flatten_settings,
     load_yaml,
     make_trackers,
     merge_config,
@@ -55,7 +56,7 @@ from common import (  # noqa: E402
     warmup_cosine_lr,
     weight_decay_param_groups,
 )
-from pretrain_data import BandNormalizer, build_batches, estimate_band_statistics, first_examples, open_source  # noqa: E402
+from pretrain_data import build_batches, make_processor, open_source  # noqa: E402
 
 from timo_hf import TiMoConfig, TiMoForMaskedImageModeling  # noqa: E402
 
@@ -69,16 +70,18 @@ DEFAULTS = {
         "config": {},  # TiMoConfig fields (override the preset / the pretrained config)
     },
     "data": {
-        "source": "npy",  # "timo" | "parquet" | "hub" | "npy" (see pretrain_data.py)
-        "path": None,  # data_dir of a timo_hf builder, Parquet folder/glob, Hub id, or .npy folder
-        "name": None,  # timo_hf dataset name ("millionst", ...) or Hub config name
+        "source": "npy",  # "timo" (timo_hf.data.load_timo_dataset) | "npy" (folder of .npy series)
+        "path": None,  # raw data_dir of a timo_hf builder, or the .npy folder
+        "name": None,  # "timo": dataset name ("millionst", ...), exported Parquet folder, or Hub dataset id
         "split": "train",
         "streaming": False,
+        "options": {},  # builder options for load_timo_dataset (e.g. layout: npy, bands: [B4, B3, B2])
         "num_frames": 3,  # frames drawn per series per step (paper Table 8: 3 of 10); null = all frames
         "temporal_order": "sorted",  # "sorted" (chronological) | "random" (official draw order)
         "short_series": "error",  # series with fewer frames than num_frames: "error" | "repeat" (with replacement)
         "image_size": None,  # [H, W] to resize to (official: 224 x 224); multiples of model mask_unit_size
-        "normalization": "auto",  # "auto" (per-band stats of the first samples) | {mean, std, scale} | "none"
+        "processor": None,  # a saved TiMoImageProcessor (folder or Hub id); else built from `normalization`
+        "normalization": "auto",  # "auto" (stats of the first samples) | processor preset | {mean, std} | "none"
         "normalization_samples": 64,
         "shuffle_buffer": 256,  # streaming only
         "num_workers": 0,
@@ -127,18 +130,6 @@ def build_model(model_settings: dict) -> TiMoForMaskedImageModeling:
     else:
         config = TiMoConfig(**overrides)
     return TiMoForMaskedImageModeling(config)
-
-
-def make_normalizer(data: dict, source) -> BandNormalizer:
-    setting = data["normalization"]
-    if setting == "auto":
-        return estimate_band_statistics(first_examples(source, int(data["normalization_samples"])))
-    if setting == "none":
-        channels = first_examples(source, 1)[0].shape[1]
-        return BandNormalizer([0.0] * channels, [1.0] * channels)
-    if isinstance(setting, dict) and {"mean", "std"} <= set(setting):
-        return BandNormalizer(setting["mean"], setting["std"], setting.get("scale", 1.0))
-    raise ValueError(f"data.normalization must be 'auto', 'none' or {{mean: [...], std: [...]}}, got {setting!r}.")
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
@@ -190,11 +181,13 @@ initialisation, every other encoder weight comes from this checkpoint.
 | image size | {data["image_size"] or "native"} |
 | optimizer steps | {summary["steps"]} |
 | effective batch | {summary["effective_batch_size"]} |
-| peak learning rate | {summary["peak_lr"]:.3g} (AdamW {tuple(training["betas"])}, weight decay {training["weight_decay"]}) |
+| peak learning rate | {summary["peak_lr"]:.3g} (AdamW {tuple(training["betas"])}) |
+| weight decay | {training["weight_decay"]} (not on norms and biases) |
 | processes | {summary["world_size"]} |
 | final loss | {summary["final_loss"]} |
 
-Band normalisation applied to the inputs (`(x * scale - mean) / std`): see `band_normalization.json`.
+The inputs were prepared by the `TiMoImageProcessor` saved here (`preprocessor_config.json`: per-band mean and
+std, size); load it with `TiMoImageProcessor.from_pretrained("<this folder or repo>")`.
 """
     (folder / "README.md").write_text(card)
 
@@ -217,6 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
             "--overwrite_output_dir true / another --output_dir to start over."
         )
+    if training["overwrite_output_dir"] and not training["resume"] and accelerator.is_main_process:
+        shutil.rmtree(checkpoints.directory, ignore_errors=True)  # asked for: the old run's checkpoints go
+    accelerator.wait_for_everyone()
 
     model = build_model(settings["model"])
     config = model.config
@@ -224,12 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
         model.activation_checkpointing_enable()
 
     source = open_source(data)
-    normalizer = make_normalizer(data, source)
-    if normalizer.mean.shape[0] != config.num_channels:
-        raise ValueError(
-            f"The data has {normalizer.mean.shape[0]} bands but the model expects config.num_channels = "
-            f"{config.num_channels}; set model.config.num_channels."
-        )
+    processor = make_processor(data, source)
 
     batch_size = int(training["per_device_batch_size"])
     accumulation = int(training["gradient_accumulation_steps"])
@@ -254,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
 
     batches, micro_batches_per_epoch = build_batches(
-        data, normalizer, source, batch_size, world_size, rank, seed, start_micro_batch=start_step * accumulation
+        data, processor, source, batch_size, world_size, rank, seed, start_micro_batch=start_step * accumulation
     )
     max_steps = training["max_steps"]
     if max_steps is None:
@@ -267,8 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
         warmup_steps = int(training["warmup_ratio"] * max_steps)
     stop_at = min(int(training["stop_at_step"] or max_steps), max_steps)
 
-    accelerator.init_trackers("timo_pretrain", config={k: str(v) for k, v in _flatten(settings).items()})
-    if start_step and accelerator.is_main_process:
+    accelerator.init_trackers("timo_pretrain", config={k: str(v) for k, v in flatten_settings(settings).items()})
+    if accelerator.is_main_process:  # a fresh run starts an empty log; a resumed one drops steps after its checkpoint
         for tracker in accelerator.trackers:
             if isinstance(tracker, JsonlTracker):
                 tracker.truncate_after(start_step)
@@ -279,7 +270,9 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     unit = config.mask_unit_size
-    progress = tqdm(total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="pretrain")
+    progress = tqdm(
+        total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="pretrain"
+    )
     model.train()
     step, last_loss = start_step, None
     while step < stop_at:
@@ -289,6 +282,11 @@ def main(argv: list[str] | None = None) -> dict:
         losses = []
         for micro in range(accumulation):
             pixel_values = next(batches).to(accelerator.device)
+            if pixel_values.shape[2] != config.num_channels:
+                raise ValueError(
+                    f"The data has {pixel_values.shape[2]} bands after the image processor but the model expects "
+                    f"config.num_channels = {config.num_channels}; set model.config.num_channels."
+                )
             frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
             generator = torch.Generator().manual_seed(derive_seed(seed, step, micro, rank))
             noise = torch.rand(pixel_values.shape[0], frames * (height // unit) * (width // unit), generator=generator)
@@ -337,17 +335,17 @@ def main(argv: list[str] | None = None) -> dict:
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         plot_loss_curve(output_dir / "logs" / "metrics.jsonl", output_dir / "loss_curve.png")
     if step >= max_steps:
-        save_final_folder(accelerator, model, normalizer, settings, summary, output_dir)
+        save_final_folder(accelerator, model, processor, settings, summary, output_dir)
     accelerator.end_training()
     return summary
 
 
-def save_final_folder(accelerator, model, normalizer, settings: dict, summary: dict, output_dir: Path) -> None:
+def save_final_folder(accelerator, model, processor, settings: dict, summary: dict, output_dir: Path) -> None:
     folder = output_dir / "model"
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     if accelerator.is_main_process:
-        (folder / "band_normalization.json").write_text(json.dumps(normalizer.to_dict(), indent=2))
+        processor.save_pretrained(folder)
         write_model_card(folder, settings, summary, unwrapped.config)
         if (output_dir / "loss_curve.png").is_file():
             shutil.copy(output_dir / "loss_curve.png", folder / "loss_curve.png")
@@ -356,16 +354,6 @@ def save_final_folder(accelerator, model, normalizer, settings: dict, summary: d
             url = push_folder_to_hub(folder, repo, f"TiMo MIM pre-training, {summary['steps']} steps")
             logger.info("Pushed %s to %s", folder, url)
     accelerator.wait_for_everyone()
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 if __name__ == "__main__":

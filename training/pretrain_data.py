@@ -3,17 +3,18 @@
 Sources (`data.source` in the YAML):
 
 - `"timo"`: `timo_hf.data.load_timo_dataset(data.name, data_dir=data.path, split=data.split,
-  streaming=data.streaming)`, the project's raw-data builders (MillionST GeoTIFF or npy layouts, ...);
-- `"parquet"`: local Parquet files (`data.path`: a folder, a file or a glob), e.g. from `timo_hf.data`'s export;
-- `"hub"`: a Hub dataset id (`data.path`), usually with `data.streaming: true`;
-- `"npy"`: a local folder of `*.npy` series `[T, C, H, W]` (the official MillionST export: one file per location),
-  read directly, without `datasets`.
+  streaming=data.streaming, **data.options)`: `data.name` is a dataset name of the project's raw-data builders
+  (`"millionst"`, ..., with `data.path` the raw download), a folder written by `timo_hf.data.export_to_parquet`,
+  or a Hub dataset id;
+- `"npy"`: a local folder of `*.npy` series `[T, C, H, W]` (e.g. the official MillionST export, one file per
+  location), read directly without `datasets` (a light adapter for corpora that are only arrays).
 
 Every example provides `pixel_values` `[T, C, H, W]` (any numeric dtype). Each time a series is used, `num_frames`
 of its frames are drawn at random without replacement (default 3 of 10, paper Table 8) and kept in chronological
 order (`temporal_order: random` keeps the draw order, as the official code). A series with fewer frames than
 requested is an error by default (`short_series: error`); `short_series: repeat` draws with replacement instead.
-Frames are optionally resized (`image_size`), then normalised per band.
+The chosen frames then go through a `TiMoImageProcessor` (band selection by name where the data has band names,
+per-band normalisation, optional resize to `image_size`); it is saved with the final model.
 
 Determinism (for exact resume and identical ranks): map-style sources are read in a per-epoch permutation drawn from
 the run seed and split across ranks by position, and every random choice for a sample (its frames) comes from a
@@ -23,14 +24,12 @@ seed derived from (run seed, epoch, sample index), never from a global RNG. Stre
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
 from common import derive_seed
 
@@ -64,72 +63,68 @@ def open_source(data: dict):
         if data["streaming"]:
             raise ValueError("data.source='npy' is read directly from disk; set data.streaming to false.")
         return NpySeriesFolder(path)
-    import datasets
+    if source != "timo":
+        raise ValueError(f"data.source must be 'timo' or 'npy', got {source!r}.")
+    if not data["name"]:
+        raise ValueError("data.source='timo' needs data.name (a dataset name, an exported folder or a Hub id).")
+    from timo_hf.data import load_timo_dataset
 
-    if source == "timo":
-        try:
-            from timo_hf.data import load_timo_dataset
-        except ImportError as err:
-            raise RuntimeError(
-                "data.source='timo' needs timo_hf.data.load_timo_dataset, which this installation lacks; use "
-                "data.source 'parquet', 'hub' or 'npy'."
-            ) from err
-        dataset = load_timo_dataset(data["name"], data_dir=path, split=data["split"], streaming=data["streaming"])
-    elif source == "parquet":
-        files = sorted(glob.glob(os.path.join(path, "**", "*.parquet"), recursive=True)) if os.path.isdir(path) else path
-        if not files:
-            raise FileNotFoundError(f"data.path {path} holds no .parquet files.")
-        dataset = datasets.load_dataset("parquet", data_files=files, split="train", streaming=data["streaming"])
-    elif source == "hub":
-        dataset = datasets.load_dataset(path, name=data["name"], split=data["split"], streaming=data["streaming"])
-    else:
-        raise ValueError(f"data.source must be 'timo', 'parquet', 'hub' or 'npy', got {source!r}.")
-    if isinstance(dataset, datasets.Dataset):
-        if len(dataset) == 0:
-            raise ValueError(f"The {source} dataset {path} has no examples.")
-        dataset = dataset.with_format("numpy", columns=["pixel_values"], output_all_columns=True)
+    dataset = load_timo_dataset(
+        data["name"], data_dir=path, split=data["split"], streaming=data["streaming"], **data["options"]
+    )
+    if hasattr(dataset, "__len__") and len(dataset) == 0:
+        raise ValueError(f"The dataset {data['name']} ({data['split']}) has no examples.")
     return dataset
 
 
 # ----------------------------------------------------------------------------------------------- transforms
-class BandNormalizer:
-    """`(x * scale - mean[c]) / std[c]` per band."""
+def make_processor(data: dict, source):
+    """The `TiMoImageProcessor` that normalises (and resizes) the chosen frames.
 
-    def __init__(self, mean, std, scale: float = 1.0):
-        self.mean = torch.as_tensor(mean, dtype=torch.float32).view(-1, 1, 1)
-        self.std = torch.as_tensor(std, dtype=torch.float32).view(-1, 1, 1)
-        self.scale = float(scale)
-        if (self.std <= 0).any():
-            raise ValueError(f"Normalisation std must be positive, got {self.std.flatten().tolist()}.")
+    `data.processor`: a saved processor (folder or Hub id); otherwise `data.normalization`: `"auto"` (per-band
+    statistics of the first `normalization_samples` series, `timo_hf.data.compute_band_statistics`), a preset name of
+    `TiMoImageProcessor` (`"rgb_uint8"`, `"s2_l2a_10"`, ...), `{mean: [...], std: [...]}`, or `"none"`. Frames are
+    chosen here, not by the processor, and never padded (`size_divisor` off: padding would be reconstructed).
+    """
+    from timo_hf.data import compute_band_statistics
+    from timo_hf.image_processing_timo import NORMALIZATION_PRESETS, TiMoImageProcessor
 
-    def __call__(self, frames: torch.Tensor) -> torch.Tensor:
-        if frames.shape[-3] != self.mean.shape[0]:
-            raise ValueError(
-                f"The data has {frames.shape[-3]} bands but the normalisation has {self.mean.shape[0]} means."
-            )
-        return (frames * self.scale - self.mean) / self.std
-
-    def to_dict(self) -> dict:
-        return {"mean": self.mean.flatten().tolist(), "std": self.std.flatten().tolist(), "scale": self.scale}
-
-
-def estimate_band_statistics(examples: list[np.ndarray], scale: float = 1.0) -> BandNormalizer:
-    """Per-band mean and std over every pixel of every frame of `examples` (each `[T, C, H, W]`)."""
-    channels = examples[0].shape[1]
-    flat = np.concatenate([np.asarray(e, dtype=np.float64).transpose(1, 0, 2, 3).reshape(channels, -1) for e in examples], 1)
-    flat = flat * scale
-    return BandNormalizer(flat.mean(axis=1), np.maximum(flat.std(axis=1), 1e-6), scale)
+    size = {"height": data["image_size"][0], "width": data["image_size"][1]} if data["image_size"] else None
+    options = {"temporal_sampling": "all", "pad_frames": False, "size_divisor": None, "size": size}
+    if data["processor"]:
+        processor = TiMoImageProcessor.from_pretrained(data["processor"])
+        for key, value in options.items():
+            if key != "size" or size is not None:
+                setattr(processor, key, value)
+        return processor
+    setting = data["normalization"]
+    if setting == "auto":
+        count = int(data["normalization_samples"])
+        examples = (source[i] for i in range(min(count, len(source)))) if hasattr(source, "__len__") else source
+        statistics = compute_band_statistics(examples, max_samples=count)
+        if isinstance(source, NpySeriesFolder):  # bare arrays: no band names to select by
+            statistics["band_names"] = None
+        return TiMoImageProcessor.from_statistics(statistics, **options)
+    if setting == "none":
+        return TiMoImageProcessor(**options)
+    if isinstance(setting, str) and setting in NORMALIZATION_PRESETS:
+        return TiMoImageProcessor(normalization=setting, **options)
+    if isinstance(setting, dict) and {"mean", "std"} <= set(setting):
+        return TiMoImageProcessor(image_mean=setting["mean"], image_std=setting["std"], **options)
+    raise ValueError(
+        f"data.normalization must be 'auto', 'none', a preset of {sorted(NORMALIZATION_PRESETS)} or "
+        f"{{mean: [...], std: [...]}}, got {setting!r}."
+    )
 
 
 class SeriesTransform:
-    """One raw series -> the model input `[k, C, H, W]` float32: frame draw, resize, per-band normalisation."""
+    """One raw series -> the model input `[k, C, H, W]` float32: frame draw, then the image processor."""
 
-    def __init__(self, data: dict, normalizer: BandNormalizer):
+    def __init__(self, data: dict, processor):
         self.num_frames = data["num_frames"]
         self.temporal_order = data["temporal_order"]
         self.short_series = data["short_series"]
-        self.image_size = tuple(data["image_size"]) if data["image_size"] else None
-        self.normalizer = normalizer
+        self.processor = processor
         if self.temporal_order not in ("sorted", "random"):
             raise ValueError(f"data.temporal_order must be 'sorted' or 'random', got {self.temporal_order!r}.")
         if self.short_series not in ("error", "repeat"):
@@ -156,10 +151,9 @@ class SeriesTransform:
         if getattr(series, "ndim", 0) != 4:
             raise ValueError(f"Series {sample}: pixel_values must be [T, C, H, W], got shape {np.shape(series)}.")
         chosen = self.select_frames(series.shape[0], np.random.default_rng(seed), sample)
-        frames = torch.from_numpy(np.asarray(series[chosen] if self.num_frames else series, dtype=np.float32))
-        if self.image_size is not None and tuple(frames.shape[-2:]) != self.image_size:
-            frames = F.interpolate(frames, size=self.image_size, mode="bilinear", align_corners=False, antialias=True)
-        return self.normalizer(frames)
+        frames = np.asarray(series[chosen] if self.num_frames else series)
+        processed = self.processor(frames, band_names=example.get("band_names"), seed=seed, return_tensors="pt")
+        return processed["pixel_values"][0]
 
 
 def stack_series(batch: list[torch.Tensor]) -> torch.Tensor:
@@ -213,7 +207,8 @@ class EpochBatchPlan(torch.utils.data.Sampler):
                 permutation = np.random.default_rng(derive_seed(self.seed, epoch)).permutation(self.num_samples)
                 permutation_epoch = epoch
             first = (position * self.world_size + self.rank) * self.batch_size
-            yield [(int(i), derive_seed(self.seed, epoch, int(i))) for i in permutation[first : first + self.batch_size]]
+            chunk = permutation[first : first + self.batch_size]
+            yield [(int(i), derive_seed(self.seed, epoch, int(i))) for i in chunk]
             micro += 1
 
 
@@ -228,7 +223,9 @@ class StreamingSeries(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[torch.Tensor]:
         count, epoch = 0, 0
         while True:
-            stream = self.stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer) if self.shuffle_buffer else self.stream
+            stream = self.stream
+            if self.shuffle_buffer:
+                stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
             stream.set_epoch(epoch)
             seen = False
             for example in stream:
@@ -241,21 +238,9 @@ class StreamingSeries(torch.utils.data.IterableDataset):
             epoch += 1
 
 
-def first_examples(source, count: int) -> list[np.ndarray]:
-    """The `pixel_values` of the first `count` examples of a source (for the band statistics)."""
-    if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
-        return [np.asarray(source[i]["pixel_values"]) for i in range(min(count, len(source)))]
-    out = []
-    for example in source:
-        out.append(np.asarray(example["pixel_values"]))
-        if len(out) >= count:
-            break
-    return out
-
-
 def build_batches(
     data: dict,
-    normalizer: BandNormalizer,
+    processor,
     source,
     batch_size: int,
     world_size: int,
@@ -265,7 +250,7 @@ def build_batches(
 ) -> tuple[Iterator[torch.Tensor], int | None]:
     """An endless iterator of this rank's micro-batches `[b, k, C, H, W]` from micro-batch `start_micro_batch` on,
     and the number of micro-batches per epoch (None for streams)."""
-    transform = SeriesTransform(data, normalizer)
+    transform = SeriesTransform(data, processor)
     workers = int(data["num_workers"])
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
         plan = EpochBatchPlan(len(source), batch_size, world_size, rank, seed, start_micro_batch)
@@ -277,19 +262,18 @@ def build_batches(
     from datasets.distributed import split_dataset_by_node
 
     stream = split_dataset_by_node(source, rank=rank, world_size=world_size) if world_size > 1 else source
-    series = StreamingSeries(stream, transform, seed, rank, int(data["shuffle_buffer"]), start_micro_batch * batch_size)
+    skip = start_micro_batch * batch_size
+    series = StreamingSeries(stream, transform, seed, rank, int(data["shuffle_buffer"]), skip)
     loader = torch.utils.data.DataLoader(series, batch_size=batch_size, num_workers=0, collate_fn=stack_series)
     return iter(loader), None
 
 
 __all__ = [
-    "BandNormalizer",
     "EpochBatchPlan",
     "NpySeriesFolder",
     "SeriesTransform",
     "StreamingSeries",
     "build_batches",
-    "estimate_band_statistics",
-    "first_examples",
+    "make_processor",
     "open_source",
 ]

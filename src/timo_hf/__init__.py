@@ -7,6 +7,7 @@ Importing the package registers the TiMo classes with transformers' Auto classes
 from .auto_registration import register_auto_classes
 from .configuration_timo import TiMoConfig
 from .convert_original import ConversionReport, convert_original_checkpoint
+from .image_processing_timo import TiMoImageProcessor
 from .modeling_timo import (
     TiMoBackbone,
     TiMoForImageClassification,
@@ -32,6 +33,7 @@ __all__ = [
     "TiMoForSemanticSegmentation",
     "TiMoForMaskedImageModeling",
     "TiMoMaskedImageModelingOutput",
+    "TiMoImageProcessor",
     "ConversionReport",
     "convert_original_checkpoint",
 ]

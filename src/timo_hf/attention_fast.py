@@ -22,15 +22,15 @@ autocast is suspended inside the kernels, which compute in the dtype of their in
 """
 
 import contextlib
-import functools
 
 import torch
 
-from .attention_timo import dstga_reference, stga_reference, temporal_logits, temporal_median
+from .attention_timo import dstga_reference, stga_reference, temporal_median
 
 
 # The portable spatial kernel holds at most this many logits per (batch * head) slice at a time.
 BLOCK_ELEMENTS = 1 << 19
+SMALL_BLOCK_ELEMENTS = 1 << 16
 # Above this many frames the temporal median falls back to `torch.median` (the sorting network grows as T log^2 T).
 MAX_NETWORK_FRAMES = 32
 
@@ -57,8 +57,7 @@ def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
 # over a short non-last dimension), with the gradient routed to the median element as torch.median does.
 
 
-@functools.lru_cache(maxsize=None)
-def median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
+def _build_median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
     """Comparators `(low, high, keep_min, keep_max)` whose outputs reach the lower median of `num_frames` values.
 
     Batcher's odd-even merge sort on the next power of two, minus the comparators that touch the padding (padding
@@ -90,6 +89,15 @@ def median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
     return tuple(reversed(kept))
 
 
+# Built once at import (a few milliseconds) so that torch.compile sees plain constants.
+_MEDIAN_NETWORKS = tuple(_build_median_network(n) for n in range(MAX_NETWORK_FRAMES + 1))
+
+
+def median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
+    """The pruned comparator network for the lower median of `num_frames` values (see `_build_median_network`)."""
+    return _MEDIAN_NETWORKS[num_frames]
+
+
 def median_values(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Lower median along `dim` (the values of `torch.median`), without autograd."""
     num_frames = tensor.shape[dim]
@@ -116,17 +124,17 @@ class _TemporalMedian(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_median: torch.Tensor):
         tensor, median = ctx.saved_tensors
-        # The gradient goes to the first element equal to the median (one element, as torch.median's index).
+        # The gradient goes to the median element; frames holding exactly the same value share it equally.
         hit = tensor == median.unsqueeze(ctx.dim)
-        first = hit & (hit.cumsum(ctx.dim) == 1)
-        return torch.where(first, grad_median.unsqueeze(ctx.dim), 0.0), None
+        share = grad_median.unsqueeze(ctx.dim) / hit.sum(ctx.dim, keepdim=True)
+        return torch.where(hit, share, 0.0), None
 
 
 def temporal_median_fast(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Same values as `attention_timo.temporal_median` (lower median over the frames), several times faster on CPU.
 
     The gradient reaches the median element, like `torch.median`'s; where several frames hold exactly the median
-    value it goes to the first of them.
+    value (ties), it is split equally among them (`torch.median` gives it all to one of them; the sum is the same).
     """
     return _TemporalMedian.apply(tensor, dim)
 
@@ -138,6 +146,19 @@ def temporal_median_fast(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
 
 def _row_block(num_rows: int, num_keys: int) -> int:
     return max(1, min(num_rows, BLOCK_ELEMENTS // max(num_keys, 1)))
+
+
+class _WorkBuffers:
+    """`count` reusable `[batch, rows, keys]` blocks of logits: allocated (and page-faulted) once per call, not once
+    per row block, which on CPU costs more than the products that fill them."""
+
+    def __init__(self, batch: int, rows: int, keys: int, like: torch.Tensor, count: int = 1):
+        self.shape = (batch, keys)
+        self.storage = like.new_empty((count, batch * rows * keys))
+
+    def view(self, rows: int, index: int = 0) -> torch.Tensor:
+        batch, keys = self.shape
+        return self.storage[index, : batch * rows * keys].view(batch, rows, keys)
 
 
 def _use_cpu_flash(query: torch.Tensor, value: torch.Tensor) -> bool:
@@ -156,9 +177,11 @@ def spatial_attention_forward(
     keys_t = key.reshape(-1, num_keys, key.shape[-1]).to(stats).transpose(1, 2)
     values = value.reshape(-1, num_keys, value.shape[-1]).to(stats)
     block = _row_block(num_rows, num_keys)
+    logits = _WorkBuffers(rows.shape[0], block, num_keys, rows)
     outputs, lses = [], []
     for start in range(0, num_rows, block):
-        weights = torch.bmm(rows[:, start : start + block], keys_t)
+        chunk = rows[:, start : start + block]
+        weights = torch.bmm(chunk, keys_t, out=logits.view(chunk.shape[1]))
         peak = weights.amax(-1, keepdim=True)
         weights = weights.sub_(peak).exp_()
         total = weights.sum(-1, keepdim=True)
@@ -174,13 +197,15 @@ def spatial_attention_backward(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    output: torch.Tensor,
+    output: torch.Tensor | None,
     lse: torch.Tensor,
+    row_term: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the spatial part of a joint softmax whose rows have log-sum-exp `lse` and output `output`.
 
-    The weights are recomputed as `exp(q k^T - lse)`; the row term of the softmax gradient is `sum(grad * output)`.
-    With the merged statistics this is exactly the spatial share of the joint softmax's gradient.
+    The weights are recomputed as `exp(q k^T - lse)`; the row term of the softmax gradient is `sum(grad * output)`
+    (`row_term`, `[X, Y, N]`, may be passed instead of `output` where the CPU flash kernel is not used). With the
+    merged statistics this is exactly the spatial share of the joint softmax's gradient.
     """
     if _use_cpu_flash(query, value):
         return _CPU_FLASH_BACKWARD(
@@ -193,20 +218,43 @@ def spatial_attention_backward(
         return tensor.reshape(-1, length, tensor.shape[-1]).to(stats)
 
     rows, keys, values = flat(query, num_rows), flat(key, num_keys), flat(value, num_keys)
-    grads, outputs = flat(grad_output, num_rows), flat(output, num_rows)
+    grads = flat(grad_output, num_rows)
     lse = lse.reshape(-1, num_rows, 1).to(stats)
-    row_term = (grads * outputs).sum(-1, keepdim=True)
-    keys_t, values_t = keys.transpose(1, 2), values.transpose(1, 2)
-    grad_keys, grad_values = torch.zeros_like(keys), torch.zeros_like(values)
+    if row_term is None:
+        row_term = (grads * flat(output, num_rows)).sum(-1, keepdim=True)
+    else:
+        row_term = row_term.reshape(-1, num_rows, 1).to(stats)
+    # One extra column folds the subtractions into the products: [q, -lse] . [k, 1] = q.k - lse and
+    # [g, -row_term] . [v, 1] = g.v - row_term, saving two passes over every block of logits.
+    ones = keys.new_ones(keys.shape[0], num_keys, 1)
+    rows_lse = torch.cat([rows, -lse], dim=-1)
+    keys_one_t = torch.cat([keys, ones], dim=-1).transpose(1, 2)
+    grads_row = torch.cat([grads, -row_term], dim=-1)
+    values_one_t = torch.cat([values, ones], dim=-1).transpose(1, 2)
+    head_dim = rows.shape[-1]
+    grad_keys = grad_values = None
     grad_rows = []
+    # Two blocks of logits are alive at once (weights and their gradient): half the rows keeps them within N^2
+    # (small matrices, below SMALL_BLOCK_ELEMENTS per slice, are done in one block).
     block = _row_block(num_rows, num_keys)
+    if 2 * block * num_keys > max(num_rows * num_keys, SMALL_BLOCK_ELEMENTS):
+        block = max(1, block // 2)
+    buffers = _WorkBuffers(rows.shape[0], block, num_keys, rows, count=2)
     for start in range(0, num_rows, block):
         stop = start + block
-        weights = torch.bmm(rows[:, start:stop], keys_t).sub_(lse[:, start:stop]).exp_()
-        grad_values.baddbmm_(weights.transpose(1, 2), grads[:, start:stop])
-        grad_logits = torch.bmm(grads[:, start:stop], values_t).sub_(row_term[:, start:stop]).mul_(weights)
+        chunk, grad_chunk = rows[:, start:stop], grads[:, start:stop]
+        size = chunk.shape[1]
+        weights = torch.bmm(rows_lse[:, start:stop], keys_one_t, out=buffers.view(size)).exp_()
+        if grad_values is None:
+            grad_values = torch.bmm(weights.transpose(1, 2), grad_chunk)
+        else:
+            grad_values.baddbmm_(weights.transpose(1, 2), grad_chunk)
+        grad_logits = torch.bmm(grads_row[:, start:stop], values_one_t, out=buffers.view(size, 1)).mul_(weights)
         grad_rows.append(torch.bmm(grad_logits, keys))
-        grad_keys.baddbmm_(grad_logits.transpose(1, 2), rows[:, start:stop])
+        if grad_keys is None:
+            grad_keys = torch.bmm(grad_logits.transpose(1, 2), chunk)
+        else:
+            grad_keys.baddbmm_(grad_logits.transpose(1, 2), chunk)
     grad_rows = grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows, dim=1)
     return (
         grad_rows.to(query.dtype).view(query.shape),
@@ -216,34 +264,51 @@ def spatial_attention_backward(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Temporal part and the merge (layout [B, heads, T, N, ...]).
+# Temporal part and the merge, in "token layout" `[B, heads, N, T, ...]`: there the temporal logits of all queries
+# are one batched product of contiguous `[T, d]` matrices.
 
 
-def _merge(spatial_lse: torch.Tensor, temporal: torch.Tensor):
-    """Joint log-sum-exp `[B, h, T, N]`, spatial share `exp(lse_S - lse)` and temporal weights `[B, h, T, N, T]`."""
-    lse = torch.logaddexp(spatial_lse, temporal.logsumexp(-1))
-    return lse, (spatial_lse - lse).exp(), (temporal - lse.unsqueeze(-1)).exp()
+def _by_token(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`[B, h, T, N, d]` (any strides) -> contiguous `[B, h, N, T, d]` in `dtype`."""
+    return tensor.transpose(2, 3).contiguous().to(dtype)
 
 
-def _token_major(like: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """Empty `[B, h, T, N, d]` tensor stored as `[B, T, N, h, d]`: the module's `[B, T*N, h*d]` is then a view."""
-    batch, heads, frames, tokens, head_dim = shape
-    return like.new_empty((batch, frames, tokens, heads, head_dim), dtype=dtype).permute(0, 3, 1, 2, 4)
+def _by_frame(tensor: torch.Tensor) -> torch.Tensor:
+    """`[B, h, N, T, ...]` -> `[B, h, T, N, ...]` view."""
+    return tensor.transpose(2, 3)
+
+
+def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
+    """Joint log-sum-exp `[B, h, N, T]`, spatial share `exp(lse_S - lse)` and temporal weights `[B, h, N, T, T]`.
+
+    `query`, `key` in token layout; each query's own frame is left out of its temporal logits (as the -inf mask of
+    the reference).
+    """
+    frames = query.shape[-2]
+    logits = torch.matmul(query, key.transpose(-1, -2))
+    logits = logits.masked_fill_(torch.eye(frames, dtype=torch.bool, device=query.device), float("-inf"))
+    lse = torch.logaddexp(spatial_lse, logits.logsumexp(-1))
+    return lse, (spatial_lse - lse).exp(), logits.sub_(lse.unsqueeze(-1)).exp_()
 
 
 def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
-    """`spatial_share * spatial_out + temporal_weights @ value(same token)`, written token-major in `dtype`."""
-    temporal_out = torch.einsum("bhtns,bhsnd->bhtnd", temporal_weights, value)
-    output = _token_major(temporal_out, temporal_out.shape, dtype)
-    return torch.addcmul(temporal_out, spatial_share.unsqueeze(-1), spatial_out, out=output)
+    """`spatial_share * spatial_out + temporal_weights @ value(same token)` (token layout in) as `[B, h, T, N, d]`
+    stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of it."""
+    output = torch.addcmul(torch.matmul(temporal_weights, value), spatial_share.unsqueeze(-1), spatial_out)
+    return output.permute(0, 3, 2, 1, 4).to(dtype).contiguous().permute(0, 3, 1, 2, 4)
+
+
+def _row_term(grad_output: torch.Tensor, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`sum(grad * output)` over channels, `[B, h, N, T]` (computed in the tensors' own layout)."""
+    return _by_frame((grad_output.to(dtype) * output.to(dtype)).sum(-1))
 
 
 def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
-    """Gradients of the temporal part of the joint softmax (all in the statistics dtype)."""
-    grad_logits = torch.einsum("bhtnd,bhsnd->bhtns", grad, value).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
-    grad_query = torch.einsum("bhtns,bhsnd->bhtnd", grad_logits, key)
-    grad_key = torch.einsum("bhtns,bhtnd->bhsnd", grad_logits, query)
-    grad_value = torch.einsum("bhtns,bhtnd->bhsnd", temporal_weights, grad)
+    """Gradients of the temporal part of the joint softmax (token layout, statistics dtype)."""
+    grad_logits = torch.matmul(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
+    grad_query = torch.matmul(grad_logits, key)
+    grad_key = torch.matmul(grad_logits.transpose(-1, -2), query)
+    grad_value = torch.matmul(temporal_weights.transpose(-1, -2), grad)
     return grad_query, grad_key, grad_value
 
 
@@ -258,11 +323,12 @@ class _STGAFunction(torch.autograd.Function):
                 return tensor.transpose(1, 2).reshape(batch * frames, heads, tokens, tensor.shape[-1])
 
             spatial_out, spatial_lse = spatial_attention_forward(per_frame(query), per_frame(key), per_frame(value))
-            spatial_out = spatial_out.view(batch, frames, heads, tokens, head_dim).transpose(1, 2)
-            spatial_lse = spatial_lse.view(batch, frames, heads, tokens).transpose(1, 2)
-            query_s, key_s, value_s = query.to(stats), key.to(stats), value.to(stats)
-            lse, spatial_share, temporal_weights = _merge(spatial_lse, temporal_logits(query_s, key_s))
-            output = _combine(spatial_share, spatial_out, temporal_weights, value_s, query.dtype)
+            spatial_out = spatial_out.view(batch, frames, heads, tokens, head_dim).permute(0, 2, 3, 1, 4)
+            spatial_lse = spatial_lse.view(batch, frames, heads, tokens).permute(0, 2, 3, 1)
+            lse, spatial_share, temporal_weights = _merge(
+                spatial_lse, _by_token(query, stats), _by_token(key, stats)
+            )
+            output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, _by_token(value, stats), query.dtype)
         ctx.save_for_backward(query, key, value, output, lse, temporal_weights)
         return output
 
@@ -276,10 +342,13 @@ class _STGAFunction(torch.autograd.Function):
             def per_frame(tensor):
                 return tensor.transpose(1, 2).reshape(batch * frames, heads, tokens, tensor.shape[-1])
 
-            grad = grad_output.to(stats)
-            row_term = (grad * output.to(stats)).sum(-1)
             grads_t = _temporal_backward(
-                grad, query.to(stats), key.to(stats), value.to(stats), temporal_weights, row_term
+                _by_token(grad_output, stats),
+                _by_token(query, stats),
+                _by_token(key, stats),
+                _by_token(value, stats),
+                temporal_weights,
+                _row_term(grad_output, output, stats),
             )
             grads_s = spatial_attention_backward(
                 per_frame(grad_output.to(query.dtype)),
@@ -287,10 +356,12 @@ class _STGAFunction(torch.autograd.Function):
                 per_frame(key),
                 per_frame(value),
                 per_frame(output),
-                lse.transpose(1, 2).reshape(batch * frames, heads, tokens),
+                lse.permute(0, 3, 1, 2).reshape(batch * frames, heads, tokens),
             )
             return tuple(
-                (spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2) + temporal).to(like.dtype)
+                (spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2) + _by_frame(temporal)).to(
+                    like.dtype
+                )
                 for spatial, temporal, like in zip(grads_s, grads_t, (query, key, value))
             )
 
@@ -302,16 +373,18 @@ class _DSTGAFunction(torch.autograd.Function):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
             # Values of all frames side by side per token: the shared weights apply to all of them in one product.
-            value_tokens = value.transpose(2, 3).reshape(batch, heads, tokens, frames * head_dim)
-            shared_out, shared_lse = spatial_attention_forward(query_median, key_median, value_tokens)
-            spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim).transpose(2, 3)
-            spatial_lse = shared_lse.unsqueeze(2) + offset.to(stats)
-            query_s, key_s = query.to(stats), key.to(stats)
-            value_s = value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim).transpose(2, 3)
-            lse, spatial_share, temporal_weights = _merge(spatial_lse, temporal_logits(query_s, key_s))
-            output = _combine(spatial_share, spatial_out, temporal_weights, value_s, query.dtype)
+            value_tokens = _by_token(value, value.dtype)
+            shared_out, shared_lse = spatial_attention_forward(
+                query_median, key_median, value_tokens.view(batch, heads, tokens, frames * head_dim)
+            )
+            spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
+            spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
+            lse, spatial_share, temporal_weights = _merge(spatial_lse, _by_token(query, stats), _by_token(key, stats))
+            output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), query.dtype)
+        # The inputs are views of the projections (kept alive anyway): saving them costs nothing, unlike their
+        # token-layout copies, which backward makes again.
         ctx.save_for_backward(
-            query, key, value_tokens, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
+            query, key, value, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
             temporal_weights,
         )
         ctx.offset_dtype = offset.dtype
@@ -320,40 +393,38 @@ class _DSTGAFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         (
-            query, key, value_tokens, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
+            query, key, value, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
             temporal_weights,
         ) = ctx.saved_tensors
         with _no_autocast(query):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
-
-            def by_token(tensor):  # [B, h, T, N, d] -> [B, h, N, T*d]
-                return tensor.transpose(2, 3).reshape(batch, heads, tokens, frames * head_dim)
-
-            grad = grad_output.to(stats)
-            row_term = (grad * output.to(stats)).sum(-1)
-            value_s = value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim).transpose(2, 3)
-            grad_query, grad_key, grad_value = _temporal_backward(
-                grad, query.to(stats), key.to(stats), value_s, temporal_weights, row_term
-            )
+            grad = _by_token(grad_output, stats)
+            row_term = _row_term(grad_output, output, stats)
             grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
-            # The shared softmax sees every frame's gradient scaled by that frame's spatial share.
+            # The shared softmax sees every frame's gradient scaled by that frame's spatial share; its row term is
+            # the share-weighted sum of the frames' row terms.
+            packed = (batch, heads, tokens, frames * head_dim)
+            value_tokens = _by_token(value, value.dtype)
+            use_output = _use_cpu_flash(query_median, value_tokens.view(packed))
             grad_query_median, grad_key_median, grad_value_tokens = spatial_attention_backward(
-                by_token(spatial_share.unsqueeze(-1) * grad).to(query.dtype),
+                (grad * spatial_share.unsqueeze(-1)).reshape(packed).to(value.dtype),
                 query_median,
                 key_median,
-                value_tokens,
-                by_token(output),
+                value_tokens.view(packed),
+                _by_token(output, value.dtype).view(packed) if use_output else None,
                 shared_lse,
+                row_term=None if use_output else (spatial_share * row_term).sum(-1),
             )
-            grad_value = grad_value + grad_value_tokens.to(stats).view(
-                batch, heads, tokens, frames, head_dim
-            ).transpose(2, 3)
+            grad_query, grad_key, grad_value = _temporal_backward(
+                grad, _by_token(query, stats), _by_token(key, stats), value_tokens.to(stats), temporal_weights, row_term
+            )
+            grad_value = grad_value.add_(grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim))
             return (
-                grad_query.to(query.dtype),
-                grad_key.to(key.dtype),
-                grad_value.to(value_tokens.dtype),
-                grad_offset.to(ctx.offset_dtype),
+                _by_frame(grad_query).to(query.dtype),
+                _by_frame(grad_key).to(key.dtype),
+                _by_frame(grad_value).to(value.dtype),
+                _by_frame(grad_offset).to(ctx.offset_dtype),
                 grad_query_median,
                 grad_key_median,
             )
@@ -371,14 +442,28 @@ def dstga_fast(
     return _DSTGAFunction.apply(query, key, value, offset, query_median, temporal_median_fast(key))
 
 
-class StgaKernels:
-    """The median and attention kernels of one `stga_implementation`."""
+def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
+    """`dstga_fast` with its offset branch `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
+    query_median = temporal_median_fast(query)
+    offset = query_offset(query, query_median)
+    return _DSTGAFunction.apply(query, key, value, offset, query_median, temporal_median_fast(key))
 
-    def __init__(self, median, stga, dstga):
-        self.median, self.stga, self.dstga = median, stga, dstga
+
+def dstga_reference_with_offset(query, key, value, query_offset) -> torch.Tensor:
+    """`attention_timo.dstga_reference` with its offset branch `query_offset(query, query_median) -> offset`."""
+    query_median = temporal_median(query)
+    return dstga_reference(query, key, value, query_offset(query, query_median), query_median)
+
+
+class StgaKernels:
+    """The kernels of one `stga_implementation`: `median(x)`, `stga(q, k, v)`, `dstga(q, k, v, offset, q_median)`
+    and `dstga_with_offset(q, k, v, query_offset)` (what TiMoAttention calls)."""
+
+    def __init__(self, median, stga, dstga, dstga_with_offset):
+        self.median, self.stga, self.dstga, self.dstga_with_offset = median, stga, dstga, dstga_with_offset
 
 
 STGA_IMPLEMENTATIONS = {
-    "reference": StgaKernels(temporal_median, stga_reference, dstga_reference),
-    "fast": StgaKernels(temporal_median_fast, stga_fast, dstga_fast),
+    "reference": StgaKernels(temporal_median, stga_reference, dstga_reference, dstga_reference_with_offset),
+    "fast": StgaKernels(temporal_median_fast, stga_fast, dstga_fast, dstga_fast_with_offset),
 }

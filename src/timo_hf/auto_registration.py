@@ -12,6 +12,7 @@ Two mechanisms, both set up here:
 from transformers import (
     AutoBackbone,
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
@@ -19,6 +20,7 @@ from transformers import (
 )
 
 from .configuration_timo import TiMoConfig
+from .image_processing_timo import TiMoImageProcessor
 from .modeling_timo import TiMoBackbone, TiMoForImageClassification, TiMoForSemanticSegmentation, TiMoModel
 from .modeling_timo_mim import TiMoForMaskedImageModeling
 
@@ -39,3 +41,10 @@ def register_auto_classes() -> None:
     for auto_class, model_class in AUTO_CLASSES:
         auto_class.register(TiMoConfig, model_class, exist_ok=True)
         model_class.register_for_auto_class(auto_class.__name__)
+    # The processor is pure numpy/torch; it is registered under both backend names that AutoImageProcessor knows.
+    AutoImageProcessor.register(
+        TiMoConfig,
+        image_processor_classes={"torchvision": TiMoImageProcessor, "pil": TiMoImageProcessor},
+        exist_ok=True,
+    )
+    TiMoImageProcessor.register_for_auto_class()

@@ -325,16 +325,16 @@ class TiMoImageProcessor(BaseImageProcessor):
         samples = []
         for index, (image, sample_dates, names) in enumerate(zip(images, dates, band_names)):
             label = None if labels is None or labels[index] is None else np.asarray(labels[index])
-            image = self._select_bands(image, names)
+            keep = self._frame_indices(image.shape[0], rng)
+            image = self._select_bands(image[keep], names)
             valid = np.isfinite(image)
             if self.nodata_value is not None:
                 valid &= image != self.nodata_value
-            keep = self._frame_indices(image.shape[0], rng)
-            pixels = self._normalize(image[keep])
-            pixels[~valid[keep]] = self.fill_value
+            pixels = self._normalize(image)
+            pixels[~valid] = self.fill_value
             if label is not None and label.ndim in (1, 3):  # per-frame ids / per-frame masks follow the frames
                 label = label[keep]
-            pixels, frame_valid, label = self._spatial(pixels, valid[keep].all(axis=1), label, rng)
+            pixels, frame_valid, label = self._spatial(pixels, valid.all(axis=1), label, rng)
             positions = self._positions(keep, sample_dates)
             samples.append((pixels, frame_valid, label, positions))
         return BatchFeature(self._collate(samples, labels is not None), tensor_type=return_tensors)

@@ -279,9 +279,7 @@ class TiMoAttention(nn.Module):
             if self.attention_type == "stga":
                 output = kernels.stga(query, key, value)
             else:
-                query_median = kernels.median(query)
-                offset = self.query_offset(query, query_median)
-                output = kernels.dstga(query, key, value, offset, query_median)
+                output = kernels.dstga_with_offset(query, key, value, self.query_offset)
             output = output.flatten(2, 3).transpose(1, 2)
         return self.projection(output.reshape(batch_size, length, dim))
 

@@ -1,18 +1,18 @@
 """"Only time tells": a generated segmentation benchmark that no single frame can solve.
 
-Each image is a grid of square parcels (`cell_size` px). Every parcel belongs to one of `num_classes` classes and
-follows its class's temporal pattern: a fixed ordering of the brightness levels `0 .. T-1` over the `T` frames
-(class `k`'s template is the `k`-th permutation of the levels that starts with 0, in lexicographic order, so no
-two templates are cyclic shifts of each other), read from a random starting frame (a uniform cyclic shift drawn
-per parcel). Every pixel of a parcel has the parcel's level in every band (a fixed spectral signature, identical
-for all classes) plus Gaussian noise.
+Each image is a grid of square parcels (`cell_size` px) observed at `T` dates. A parcel takes one brightness level
+`0 .. T-1` per date (the same level in every pixel and band, times a fixed spectral signature shared by all
+classes, plus Gaussian noise). Its class is how many *distinct* levels it goes through: by default two classes,
+"stable" (one level at every date, like water or bare rock) and "changing" (a different level at every date, like
+a crop through its season); `num_classes = K` uses 1, 2, ..., K-1 and T distinct levels. Which dates share a level
+is a uniformly drawn surjection of the dates onto the distinct levels, and which levels they are is a uniformly
+drawn injection into `0 .. T-1`.
 
-Why a single frame carries no information: at any frame `t`, the level of a parcel of class `k` is
-`template_k[(t + shift) % T]` with `shift` uniform, i.e. uniform over `0 .. T-1` whatever `k` is, and parcels
-are independent. So the distribution of any single frame (values, spatial arrangement, everything) is the same
-for every labelling, and the best single-frame prediction is chance (accuracy `1 / num_classes`, mIoU about
-`1 / (2 * num_classes - 1)` for uniform guessing). The class is only readable from the order of the levels over
-time, which is what TiMo's temporal attention has to learn. `tests/test_finetune.py` trains a tiny TiMo on it with
+Why a single frame carries no information: both draws are symmetric in the levels, so at every date the level of a
+parcel is uniform over `0 .. T-1` whatever its class, and parcels are independent. The distribution of any single
+frame (values, spatial arrangement, everything) is therefore the same for every labelling, and the best
+single-frame prediction is chance (accuracy `1 / K`; mIoU `1 / (2K - 1)` for uniform guessing, 1/3 for K = 2).
+Only comparing the dates of a parcel reveals its class. `tests/test_finetune.py` trains a tiny TiMo on it with
 `training/finetune.py` (config `training/configs/time_tells_tiny.yaml`) and checks both sides.
 
 Parcels are aligned to multiples of 4 px (the stem stride), so a model's stage-1 tokens never straddle two
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import itertools
 
 import datasets
 import numpy as np
@@ -44,23 +43,11 @@ BAND_STEP = (600.0, 500.0, 400.0)
 DEFAULT_NUM_SAMPLES = {"train": 64, "validation": 16, "test": 32}
 
 
-def class_templates(num_frames: int, num_classes: int) -> np.ndarray:
-    """`[num_classes, num_frames]` level orderings: permutations of `0..T-1` starting with 0, lexicographic.
-
-    Starting with 0 picks one representative per cyclic-shift class, so the classes stay distinct under the random
-    shift; there are `(T - 1)!` of them.
-    """
-    templates = [(0, *rest) for rest in itertools.permutations(range(1, num_frames))]
-    if not 2 <= num_classes <= len(templates):
-        raise ValueError(
-            f"num_classes must be in [2, {len(templates)}] for num_frames={num_frames} ((T-1)! distinct temporal "
-            f"patterns), got {num_classes}."
-        )
-    return np.asarray(templates[:num_classes], dtype=np.int64)
-
-
-def class_names(num_frames: int, num_classes: int) -> list[str]:
-    return ["levels " + "-".join(str(level) for level in row) for row in class_templates(num_frames, num_classes)]
+def class_names(num_frames: int, num_classes: int = 2) -> list[str]:
+    counts = distinct_level_counts(num_frames, num_classes)
+    names = [f"{count} levels" for count in counts]
+    names[0], names[-1] = "stable (1 level)", f"changing ({num_frames} levels)"
+    return names
 
 
 def band_statistics(num_frames: int, noise: float) -> dict:
@@ -71,12 +58,38 @@ def band_statistics(num_frames: int, noise: float) -> dict:
     return {"band_names": list(BAND_NAMES), "image_mean": [float(m) for m in mean], "image_std": std}
 
 
-def generate_samples(count: int, *, size: int = 32, cell_size: int = 8, num_frames: int = 4, num_classes: int = 4,
-                     noise: float = 0.15, seed: int = 0) -> dict[str, list]:
+def distinct_level_counts(num_frames: int, num_classes: int) -> list[int]:
+    """Distinct levels of each class: `1, 2, ..., num_classes - 1` and `num_frames` for the last class."""
+    return list(range(1, num_classes)) + [num_frames]
+
+
+def parcel_levels(rng: np.random.Generator, classes: np.ndarray, num_frames: int, num_classes: int) -> np.ndarray:
+    """`[T, *classes.shape]` levels: a parcel of class `k` takes `distinct_level_counts(...)[k]` distinct levels.
+
+    Which frames share a level is a uniformly drawn surjection of the frames onto that many slots; which levels the
+    slots get is a uniformly drawn injection into `0 .. T-1`. Both draws are symmetric in the levels, so at every
+    frame the level is uniform over `0 .. T-1` whatever the class.
+    """
+    counts = distinct_level_counts(num_frames, num_classes)
+    flat = classes.reshape(-1)
+    levels = np.empty((num_frames, flat.size), dtype=np.int64)
+    for index, k in enumerate(flat):
+        while True:  # rejection sampling of a surjection frames -> counts[k] slots
+            slots = rng.integers(0, counts[k], size=num_frames)
+            if len(np.unique(slots)) == counts[k]:
+                break
+        levels[:, index] = rng.permutation(num_frames)[slots]
+    return levels.reshape(num_frames, *classes.shape)
+
+
+def generate_samples(count: int, *, size: int = 32, cell_size: int = 8, num_frames: int = 4, num_classes: int = 2,
+                     noise: float = 0.1, seed: int = 0) -> dict[str, list]:
     """`count` samples as columns: `pixel_values` [T, 3, size, size] uint16, `label` [size, size] uint8, ..."""
     if size % cell_size or cell_size % 4:
         raise ValueError(f"size ({size}) must be a multiple of cell_size ({cell_size}), itself a multiple of 4.")
-    templates = class_templates(num_frames, num_classes)
+    if not 2 <= num_classes <= num_frames:
+        raise ValueError(f"num_classes must be in [2, num_frames={num_frames}] (1 to T distinct levels), "
+                         f"got {num_classes}.")
     rng = np.random.default_rng(seed)
     cells = size // cell_size
     base = np.asarray(BAND_BASE)[None, :, None, None]
@@ -85,11 +98,10 @@ def generate_samples(count: int, *, size: int = 32, cell_size: int = 8, num_fram
     columns = {"sample_id": [], "pixel_values": [], "dates": [], "band_names": [], "label": []}
     for index in range(count):
         classes = rng.integers(0, num_classes, size=(cells, cells))
-        shifts = rng.integers(0, num_frames, size=(cells, cells))
-        frames = (np.arange(num_frames)[:, None, None] + shifts[None]) % num_frames  # [T, cells, cells]
-        levels = templates[classes[None], frames]  # [T, cells, cells]
+        levels = parcel_levels(rng, classes, num_frames, num_classes)  # [T, cells, cells]
         levels = np.repeat(np.repeat(levels, cell_size, axis=1), cell_size, axis=2)  # [T, H, W]
-        values = base + step * (levels[:, None] + rng.normal(0.0, noise, size=(num_frames, len(BAND_NAMES), size, size)))
+        noise_values = rng.normal(0.0, noise, size=(num_frames, len(BAND_NAMES), size, size))
+        values = base + step * (levels[:, None] + noise_values)
         columns["sample_id"].append(f"time_tells_{seed}_{index:05d}")
         columns["pixel_values"].append(np.clip(np.rint(values), 0, 65535).astype(np.uint16))
         columns["dates"].append(dates)
@@ -100,7 +112,7 @@ def generate_samples(count: int, *, size: int = 32, cell_size: int = 8, num_fram
 
 
 def make_time_tells(num_samples: dict[str, int] | None = None, *, size: int = 32, cell_size: int = 8,
-                    num_frames: int = 4, num_classes: int = 4, noise: float = 0.15, seed: int = 0,
+                    num_frames: int = 4, num_classes: int = 2, noise: float = 0.1, seed: int = 0,
                     native_format: bool = True) -> datasets.DatasetDict:
     """The benchmark as a `DatasetDict` (default splits `DEFAULT_NUM_SAMPLES`), deterministic in `seed`.
 
@@ -119,7 +131,7 @@ def make_time_tells(num_samples: dict[str, int] | None = None, *, size: int = 32
     )
     info = datasets.DatasetInfo(
         features=features,
-        description="'Only time tells': parcels whose classes differ only in the temporal order of their levels "
+        description="'Only time tells': parcels whose classes differ only in how many levels they go through "
         f"(timo_hf.synthetic_time_tells; classes: {class_names(num_frames, num_classes)}).",
     )
     splits = {}
@@ -144,7 +156,7 @@ def main(argv=None) -> None:
     parser.add_argument("--test", type=int, default=DEFAULT_NUM_SAMPLES["test"])
     parser.add_argument("--size", type=int, default=32)
     parser.add_argument("--num-frames", type=int, default=4)
-    parser.add_argument("--num-classes", type=int, default=4)
+    parser.add_argument("--num-classes", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from .data import export_to_parquet

@@ -218,3 +218,23 @@ def test_clear_errors(raw_roots, tmp_path, cache_dir):
     with pytest.raises(ValueError, match="unknown bands"):
         load_timo_dataset("multisenge", data_dir=raw_roots["multisenge"], cache_dir=cache_dir, bands=["B99"])
     assert "sensor" in builder_options("multiearth") and "strict" in builder_options("mtlcc")
+
+
+def test_official_listdir_splits_are_available_as_an_option(raw_roots, cache_dir):
+    kuro = get_builder("kurosiwo", raw_roots["kurosiwo"], cache_dir=cache_dir, split_mode="official").assign_splits()
+    assert [len(refs) for refs in kuro.values()] == [6, 2, 2]  # 60/20/20 of the 10 patch folders
+    assert len({ref.sample_id for refs in kuro.values() for ref in refs}) == 10
+    earth = get_builder("multiearth", raw_roots["multiearth"], cache_dir=cache_dir, split_mode="official")
+    splits = earth.assign_splits()
+    assert len(splits["train"]) == 10 and not splits["validation"] and not splits["test"]  # first 78 locations
+    with pytest.raises(ValueError, match="no official split"):
+        get_builder("millionst", raw_roots["millionst"], cache_dir=cache_dir, split_mode="official").assign_splits()
+
+
+@pytest.mark.parametrize("sensor, bands", [("landsat8", ["SR_B4", "SR_B3", "SR_B2"]), ("sent1", ["VV", "VH"])])
+def test_multiearth_other_sensors_parse_band_names(tmp_path, cache_dir, sensor, bands):
+    root = write_synthetic("multiearth", tmp_path / "raw", sensor=sensor, num_locations=3, size=16)
+    for source in ("tiff", "netcdf"):
+        ds = load_timo_dataset("multiearth", data_dir=root, cache_dir=cache_dir, sensor=sensor, source=source,
+                               split="train")
+        assert ds[0]["band_names"] == bands and ds[0]["pixel_values"].shape[1:] == (len(bands), 16, 16)

@@ -144,3 +144,15 @@ def test_statistics_command_and_from_statistics(raw_roots, tmp_path):
     processor = TiMoImageProcessor.from_statistics(out)
     normalised = processor(ds[0]["pixel_values"], band_names=ds[0]["band_names"], return_tensors="np")
     assert processor.band_names == ["B4", "B3", "B2"] and normalised["pixel_values"].shape[2] == 3
+
+
+def test_processor_output_runs_through_the_model():
+    from timo_hf import TiMoConfig, TiMoModel
+
+    model = TiMoModel(TiMoConfig(hidden_sizes=[16, 32, 48, 64], num_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1],
+                                 num_channels=3)).eval()
+    processor = TiMoImageProcessor(normalization="s2_rgb", num_frames=4, temporal_encoding="days")
+    batch = processor([_series(t=3, c=4, h=40, w=40)], dates=[DATES[:3]], band_names=["B2", "B3", "B4", "B8"])
+    with torch.no_grad():
+        out = model(pixel_values=batch["pixel_values"], temporal_positions=batch["temporal_positions"])
+    assert out.last_hidden_state.shape[:2] == (1, 4) and torch.isfinite(out.last_hidden_state).all()

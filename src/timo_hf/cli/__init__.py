@@ -3,9 +3,9 @@
 import argparse
 import sys
 
-from . import convert
+from . import convert, embed, export, info, predict
 
-COMMANDS = [convert]
+COMMANDS = [convert, predict, embed, export, info]
 
 
 def build_parser() -> argparse.ArgumentParser:

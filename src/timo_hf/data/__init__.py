@@ -13,6 +13,8 @@ Each builder's docstring (``timo_hf.data.MultiSenGE`` etc.) states source, raw l
 rule, licence and citation. ``timo_hf.data.synthetic`` writes tiny copies of every raw layout.
 """
 
+import importlib
+
 from .base import RawSample, SampleRef, TiMoBuilderConfig, TiMoRawBuilder
 from .faults import BuildSummary, FaultKind, SampleError, SkippedSample, SkippedSampleWarning
 from .formatting import with_native_format
@@ -25,8 +27,17 @@ from .multisenge import MultiSenGE
 from .parquet import export_to_parquet, load_exported, push_to_hub
 from .registry import BUILDERS, builder_options, canonical_name, get_builder
 from .sen12flood import Sen12Flood
-from .stats import compute_band_statistics
-from .synthetic import write_synthetic
+
+
+# Modules that also run as `python -m timo_hf.data.<module>` are imported on first use, not here (runpy warns when
+# such a module is already imported by its package).
+_LAZY = {"compute_band_statistics": ".stats", "write_synthetic": ".synthetic"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -165,7 +165,8 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
         bands = self.config.bands or self.DEFAULT_BANDS or self.available_bands()
         unknown = [band for band in bands if band not in self.available_bands()]
         if unknown:
-            raise ValueError(f"{type(self).__name__}: unknown bands {unknown}; available: {list(self.available_bands())}")
+            raise ValueError(f"{type(self).__name__}: unknown bands {unknown}; "
+                             f"available: {list(self.available_bands())}")
         return tuple(bands)
 
     def band_indexes(self) -> list[int]:
@@ -318,7 +319,8 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
                               "(pass image_size=(H, W) to resample every sample to one size)")
         if pixel_values.dtype != np.dtype(feature.dtype):
             if not np.can_cast(pixel_values.dtype, feature.dtype, "safe"):
-                raise SampleError(FaultKind.DTYPE_MISMATCH, f"dtype {pixel_values.dtype}, the dataset has {feature.dtype}")
+                raise SampleError(FaultKind.DTYPE_MISMATCH,
+                                  f"dtype {pixel_values.dtype}, the dataset has {feature.dtype}")
             pixel_values = pixel_values.astype(feature.dtype)
         example = {
             "sample_id": ref.sample_id,
@@ -360,7 +362,8 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
     def build(self, **download_and_prepare_kwargs) -> BuildSummary:
         """`download_and_prepare` (or restore from the cache) and return the build's :class:`BuildSummary`.
 
-        With ``strict=True`` the first :class:`SampleError` is raised as it is (not wrapped by datasets).
+        With ``strict=True`` the first :class:`SampleError` is raised as it is (not wrapped by datasets); with
+        ``num_proc > 1`` it arrives as datasets' ``DatasetGenerationError`` whose traceback names the sample.
         """
         try:
             self.download_and_prepare(**download_and_prepare_kwargs)

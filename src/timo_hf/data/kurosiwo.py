@@ -92,7 +92,8 @@ class KuroSiwo(TiMoRawBuilder):
         def walk(folder: Path, depth: int):
             if depth == 3:
                 return [folder]
-            return [leaf for name in os.listdir(folder) if (folder / name).is_dir() for leaf in walk(folder / name, depth + 1)]
+            children = [folder / name for name in os.listdir(folder) if (folder / name).is_dir()]
+            return [leaf for child in children for leaf in walk(child, depth + 1)]
 
         by_folder = {ref.payload: ref for ref in refs}
         order = [str(leaf.relative_to(self.root)) for leaf in walk(self.root, 0)]
@@ -111,7 +112,8 @@ class KuroSiwo(TiMoRawBuilder):
             paths = []
             for band in self.band_names:
                 if not found[band]:
-                    raise SampleError(FaultKind.MISSING_BAND, f"no {phase}_{_POLARISATION_FILES[band]}_*.tif in {folder}")
+                    raise SampleError(FaultKind.MISSING_BAND,
+                                      f"no {phase}_{_POLARISATION_FILES[band]}_*.tif in {folder}")
                 paths.append(found[band][0])
             frame, frame_geo = read_band_files(paths, out_shape=self.config.image_size, resampling=self.resampling)
             frames.append(frame)

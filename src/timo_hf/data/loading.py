@@ -50,7 +50,8 @@ def load_timo_dataset(
     ``format="numpy"`` returns array columns as numpy arrays in their stored dtype and the other columns as Python
     objects (see ``timo_hf.data.formatting``); ``format=None`` leaves datasets' default (Python lists).
     ``rank``/``world_size`` apply ``datasets.distributed.split_dataset_by_node`` (for DDP, typically streaming).
-    ``return_summary=True`` returns ``(dataset, BuildSummary)``: what a raw build skipped and why (None for exports).
+    ``return_summary=True`` returns ``(dataset, BuildSummary)``: what a raw build skipped and why (None for exports;
+    with ``streaming=True`` the summary fills while the dataset is iterated in this process).
     """
     summary: BuildSummary | None = None
     key = canonical_name(name)

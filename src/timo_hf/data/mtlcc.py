@@ -15,7 +15,9 @@ from .raster import read_raster
 
 
 _DATE_FILE = re.compile(r"^(\d{8})_10m\.tif$")
-_GROUPS = (("10m", ("B4", "B3", "B2", "B8")), ("20m", ("B5", "B6", "B7", "B8A", "B11", "B12")), ("60m", ("B1", "B9", "B10")))
+_GROUPS = (("10m", ("B4", "B3", "B2", "B8")),
+           ("20m", ("B5", "B6", "B7", "B8A", "B11", "B12")),
+           ("60m", ("B1", "B9", "B10")))
 
 
 @dataclass

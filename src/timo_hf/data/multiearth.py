@@ -10,7 +10,6 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import datasets
-import numpy as np
 
 from . import netcdf
 from .base import RawSample, SampleRef, TiMoBuilderConfig, TiMoRawBuilder, parse_date
@@ -77,7 +76,7 @@ class MultiEarth(TiMoRawBuilder):
     A location may have fewer dates than requested: any number >= ``min_frames`` (default 1) is kept as it is.
     ``pairing="per_frame"`` (the TiMo setup, per-frame targets): one example per location; frames are the first
     ``num_frames`` image dates (chronologically) whose month has a mask, and the label is (T, H, W), frame t's
-    month mask. Labels are the binary deforestation masks as stored (uint8; 1 = deforested, 0 = not).
+    month mask. Labels are the binary deforestation masks as stored (uint8, values as the challenge distributes them).
 
     Geo-metadata: no CRS or transform (the TIFFs have none); ``center_lon``/``center_lat`` from the name.
     Extra column ``label_date`` (mask pairing): the mask's date.

@@ -64,7 +64,8 @@ def _card(dataset: datasets.DatasetDict, title: str, files: list[Path]) -> Datas
     if info.license:
         card_data.license = "other" if " " in info.license else info.license.lower()
     columns = "\n".join(f"- `{name}`: {feature}" for name, feature in info.features.items())
-    body = [f"# {title}", "", info.description or "", "", "Exported with `timo_hf.data.export_to_parquet`; load it with",
+    body = [f"# {title}", "", info.description or "", "",
+            "Exported with `timo_hf.data.export_to_parquet`; load it with",
             "`timo_hf.data.load_timo_dataset(<this folder or repo id>)` or `datasets.load_dataset(...)`.", "",
             "## Columns", "", columns, ""]
     if info.homepage:

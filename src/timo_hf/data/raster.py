@@ -95,7 +95,8 @@ def read_raster(
     with _open(path, missing_kind) as dataset:
         indexes = list(indexes) if indexes is not None else list(range(1, dataset.count + 1))
         if max(indexes) > dataset.count:
-            raise SampleError(FaultKind.MISSING_BAND, f"{path} has {dataset.count} bands, band {max(indexes)} requested")
+            raise SampleError(FaultKind.MISSING_BAND,
+                              f"{path} has {dataset.count} bands, band {max(indexes)} requested")
         height, width = out_shape if out_shape is not None else (dataset.height, dataset.width)
         try:
             if (height, width) == (dataset.height, dataset.width):

@@ -16,7 +16,8 @@ SPLITS = ("train", "validation", "test")
 
 def _counts(num_groups: int, fractions: Sequence[float]) -> list[int]:
     if len(fractions) != 3 or any(f < 0 for f in fractions) or sum(fractions) <= 0:
-        raise ValueError(f"split fractions must be three non-negative numbers (train, validation, test), got {fractions}")
+        raise ValueError(f"split fractions must be three non-negative numbers (train, validation, test), "
+                         f"got {fractions}")
     total = float(sum(fractions))
     n_train = round(num_groups * fractions[0] / total)
     if fractions[2] == 0:

@@ -122,16 +122,23 @@ def write_multisenge(root, *, num_tiles: int = 4, patches_per_tile: int = 2, num
 
 
 # ------------------------------------------------------------------------------------------------ MultiEarth
-MULTIEARTH_SENSORS = {"sent2": ("Sentinel2", "Sentinel-2"), "sent1": ("Sentinel1", "Sentinel-1"),
-                      "landsat5": ("Landsat5", "Landsat-5"), "landsat8": ("Landsat8", "Landsat-8")}
+MULTIEARTH_SENSORS = {  # folder: (file prefix, NetCDF data_source, bands written by default)
+    "sent2": ("Sentinel2", "Sentinel-2", ("B2", "B3", "B4")),
+    "sent1": ("Sentinel1", "Sentinel-1", ("VV", "VH")),
+    "landsat5": ("Landsat5", "Landsat-5", ("SR_B1", "SR_B2", "SR_B3")),
+    "landsat8": ("Landsat8", "Landsat-8", ("SR_B2", "SR_B3", "SR_B4")),
+}
 
 
-def write_multiearth(root, *, num_locations: int = 4, months: tuple[str, ...] = ("2021-05", "2021-06"),
-                     images_per_month: int = 2, bands: tuple[str, ...] = ("B2", "B3", "B4"), size: int = 32,
-                     write_tiffs: bool = True, write_netcdf: bool = True, seed: int = 0) -> Path:
-    """sent2/Sentinel2_<band>_<lon>_<lat>_<YYYY_MM_DD>.tiff (no CRS), deforestation/Deforestation_*.tiff, and
-    the same arrays as NetCDF (sent2.nc, deforestation.nc) with images, data_band, collection_dates,
-    center_lat_lons."""
+def write_multiearth(root, *, sensor: str = "sent2", num_locations: int = 4,
+                     months: tuple[str, ...] = ("2021-05", "2021-06"), images_per_month: int = 2,
+                     bands: tuple[str, ...] | None = None, size: int = 32, write_tiffs: bool = True,
+                     write_netcdf: bool = True, seed: int = 0) -> Path:
+    """<sensor>/<Prefix>_<band>_<lon>_<lat>_<YYYY_MM_DD>.tiff (no CRS; e.g. sent2/Sentinel2_B4_...),
+    deforestation/Deforestation_*.tiff, and the same arrays as NetCDF (<sensor>.nc, deforestation.nc) with
+    images, data_band, collection_dates, center_lat_lons."""
+    prefix, source, default_bands = MULTIEARTH_SENSORS[sensor]
+    bands = tuple(bands or default_bands)
     root, rng = Path(root), np.random.default_rng(seed)
     images, masks = [], []  # (lon, lat, date, (C,H,W) uint16) / (lon, lat, date, (H,W) uint8)
     for index in range(num_locations):
@@ -149,11 +156,13 @@ def write_multiearth(root, *, num_locations: int = 4, months: tuple[str, ...] = 
     if write_tiffs:
         for lon, lat, date, frame in images:
             for band, array in zip(bands, frame):
-                write_tif(root / "sent2" / f"Sentinel2_{band}_{lon:.2f}_{lat:.2f}_{date:%Y_%m_%d}.tiff", array, crs=None)
+                name = f"{prefix}_{band}_{lon:.2f}_{lat:.2f}_{date:%Y_%m_%d}.tiff"
+                write_tif(root / sensor / name, array, crs=None)
         for lon, lat, date, mask in masks:
-            write_tif(root / "deforestation" / f"Deforestation_{lon:.2f}_{lat:.2f}_{date:%Y_%m_%d}.tiff", mask, crs=None)
+            name = f"Deforestation_{lon:.2f}_{lat:.2f}_{date:%Y_%m_%d}.tiff"
+            write_tif(root / "deforestation" / name, mask, crs=None)
     if write_netcdf:
-        write_multiearth_netcdf(root / "sent2.nc", "Sentinel-2", images, bands)
+        write_multiearth_netcdf(root / f"{sensor}.nc", source, images, bands)
         write_multiearth_netcdf(root / "deforestation.nc", "Deforestation", masks, None)
     return root
 
@@ -234,8 +243,8 @@ def write_mtlcc(root, *, num_tiles: int = 6, num_dates: int = 4, size: int = 24,
 
 
 # ------------------------------------------------------------------------------------------------ Sen12Flood
-def write_sen12flood(root, *, num_sequences: int = 6, num_frames: int = 3, bands: tuple[str, ...] = ("B02", "B03", "B04"),
-                     size: int = 32, seed: int = 0) -> Path:
+def write_sen12flood(root, *, num_sequences: int = 6, num_frames: int = 3,
+                     bands: tuple[str, ...] = ("B02", "B03", "B04"), size: int = 32, seed: int = 0) -> Path:
     """S2list.json {key: {folder, count, "1": {filename, date, FLOODING}}} and <folder>/<filename>_<band>.tif."""
     root, rng = Path(root), np.random.default_rng(seed)
     listing = {}

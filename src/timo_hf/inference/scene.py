@@ -136,7 +136,8 @@ class Scene:
             lines = "; ".join(f"{path.name}: {', '.join(diff)}" for path, diff in mismatched.items())
             raise ValueError(
                 f"the inputs are not on one grid (reference {self.reference_path.name}: {describe_grid(reference)}): "
-                f"{lines}. Pass --align bilinear (or nearest, cubic, average) to resample them onto the first date's grid"
+                f"{lines}. Pass --align bilinear (or nearest, cubic, average) to resample them onto the first "
+                "date's grid"
             )
         self.aligned = sorted(path.name for path in mismatched)
         readers = {}

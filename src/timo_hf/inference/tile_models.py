@@ -1,0 +1,127 @@
+"""The model side of tiled inference: a batch of raw tiles in, per-pixel class probabilities or features out.
+
+Both callables take `(B, T, C, h, w)` float32 tiles whose missing pixels are NaN, normalise them with the model's
+image processor (which also fills the NaNs and builds `temporal_positions` from the dates), run the model without
+gradients on `device` (with autocast when `dtype` is not float32) and return numpy arrays on the tile's grid.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+
+import numpy as np
+import torch
+
+from ..image_processing_timo import TiMoImageProcessor
+from ..modeling_timo import TiMoForSemanticSegmentation, TiMoModel, split_frames
+
+
+PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+class _TileModel:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        processor: TiMoImageProcessor,
+        dates: list[datetime.date] | None,
+        device: torch.device,
+        precision: str = "float32",
+    ):
+        if processor.temporal_encoding == "days" and not dates:
+            raise ValueError(
+                "the model's image processor encodes acquisition dates (temporal_encoding='days'); give the dates "
+                "in the file names, with --dates, or in a JSON input list"
+            )
+        self.model = model.to(device).eval()
+        self.processor = processor
+        self.dates = [date.isoformat() for date in dates] if dates else None
+        self.device = device
+        self.dtype = PRECISIONS[precision]
+
+    def _inputs(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
+        dates = [self.dates] * len(tiles) if self.dates else None
+        batch = self.processor(list(tiles), dates=dates, return_tensors="pt")
+        return {
+            "pixel_values": batch["pixel_values"].to(self.device),
+            "temporal_positions": batch["temporal_positions"].to(self.device),
+        }
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+
+class TileSegmenter(_TileModel):
+    """Class probabilities `(B, F * K, h, w)`: F = 1 for `temporal_fusion="max"` models, F = T (one map per date)
+    for `"none"`; K = `num_labels`."""
+
+    model: TiMoForSemanticSegmentation
+
+    def __init__(self, model: TiMoForSemanticSegmentation, *args, **kwargs):
+        super().__init__(model, *args, **kwargs)
+        self.num_labels = model.config.num_labels
+        self.per_frame = model.config.temporal_fusion == "none"
+
+    def maps_per_tile(self, num_frames: int) -> int:
+        return num_frames if self.per_frame else 1
+
+    @torch.no_grad()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        height, width = tiles.shape[-2:]
+        with self._autocast():
+            logits = self.model(**self._inputs(tiles)).logits
+        probabilities = logits.float().softmax(dim=-3)[..., :height, :width]
+        return probabilities.reshape(len(tiles), -1, height, width).cpu().numpy()
+
+
+def stage_stride(config, stage: str) -> int:
+    """Input pixels per feature-map pixel: 4 for the stem and stage 1, then x2 per stage."""
+    if stage not in config.stage_names:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {config.stage_names}")
+    index = config.stage_names.index(stage)
+    return 4 * 2 ** max(index - 1, 0)
+
+
+TEMPORAL_POOLING = ("mean", "max", "none")
+
+
+class TileEmbedder(_TileModel):
+    """Features of one stage, `(B, C, h / stride, w / stride)` pooled over the dates (`"mean"`, `"max"`), or
+    `(B, T * C, ...)` date by date (`"none"`)."""
+
+    model: TiMoModel
+
+    def __init__(self, model: TiMoModel, *args, stage: str = "stage4", temporal_pooling: str = "mean", **kwargs):
+        super().__init__(model, *args, **kwargs)
+        if temporal_pooling not in TEMPORAL_POOLING:
+            raise ValueError(f"temporal pooling must be one of {TEMPORAL_POOLING}, got {temporal_pooling!r}")
+        self.stride = stage_stride(model.config, stage)
+        self.stage_index = model.config.stage_names.index(stage)
+        self.channels = ([model.config.hidden_sizes[0]] + list(model.config.hidden_sizes))[self.stage_index]
+        self.temporal_pooling = temporal_pooling
+
+    @torch.no_grad()
+    def __call__(self, tiles: np.ndarray) -> np.ndarray:
+        height, width = (size // self.stride for size in tiles.shape[-2:])
+        with self._autocast():
+            maps = self.model.compute_feature_maps(**self._inputs(tiles))[self.stage_index]
+        features = split_frames(maps.float(), len(tiles))[..., :height, :width]
+        if self.temporal_pooling == "mean":
+            features = features.mean(dim=1)
+        elif self.temporal_pooling == "max":
+            features = features.amax(dim=1)
+        else:
+            features = features.flatten(1, 2)
+        return features.cpu().numpy()

@@ -1,0 +1,255 @@
+"""The fast STGA / D-STGA kernels (`stga_implementation="fast"`) against the reference kernels and the official
+golden outputs, plus the conditions they must work under: autocast, activation checkpointing, torch.compile."""
+
+import pytest
+import torch
+
+import timo_hf.attention_fast as attention_fast
+from timo_hf import TiMoConfig, TiMoModel
+from timo_hf.attention_fast import STGA_IMPLEMENTATIONS, dstga_fast, median_values, stga_fast, temporal_median_fast
+from timo_hf.attention_timo import dstga_reference, stga_reference, temporal_median
+from timo_hf.convert_original import convert_original_checkpoint
+from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
+
+from .conftest import config_from_official, load_golden
+
+
+FRAME_COUNTS = (1, 2, 3, 4, 12, 30)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
+
+
+def module_layout_inputs(batch, heads, frames, tokens, head_dim, dtype=torch.float32, seed=0):
+    """Queries, keys and values as TiMoAttention hands them to the kernels: strided views of `[B, T*N, h, d]`."""
+    generator = torch.Generator().manual_seed(seed)
+    shape = (batch, heads, frames, tokens, head_dim)
+    tensors = []
+    for _ in range(3):
+        packed = torch.randn(batch, frames * tokens, heads, head_dim, generator=generator, dtype=dtype)
+        tensors.append(packed.transpose(1, 2).reshape(shape).requires_grad_())
+    offset = torch.rand(batch, heads, frames, tokens, generator=generator, dtype=dtype).requires_grad_()
+    grad = torch.randn(shape, generator=generator, dtype=dtype)
+    return tensors, offset, grad
+
+
+def run_kernels(implementation, attention, query, key, value, offset, grad):
+    kernels = STGA_IMPLEMENTATIONS[implementation]
+    if attention == "stga":
+        output = kernels.stga(query, key, value)
+        inputs = (query, key, value)
+    else:
+        output = kernels.dstga(query, key, value, offset, kernels.median(query))
+        inputs = (query, key, value, offset)
+    return output, torch.autograd.grad(output, inputs, grad)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporal median
+
+
+@pytest.mark.parametrize("frames", list(range(1, 34)))
+def test_median_network_values_are_torch_median(frames):
+    tensor = torch.randn(3, frames, 5, generator=torch.Generator().manual_seed(frames))
+    assert torch.equal(median_values(tensor, 1), tensor.median(1).values)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 3, 4, 7, 12, 30])
+def test_median_gradient_is_torch_median_gradient(frames):
+    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    expected = torch.autograd.grad(temporal_median(tensor.requires_grad_()), tensor, grad)[0]
+    actual = torch.autograd.grad(temporal_median_fast(tensor), tensor, grad)[0]
+    assert torch.equal(actual, expected)
+
+
+def test_median_gradient_with_ties_keeps_its_sum():
+    tensor = torch.tensor([[1.0, 2.0, 2.0, 3.0, 2.0]]).requires_grad_()
+    assert temporal_median_fast(tensor, 1).item() == 2.0
+    (grad,) = torch.autograd.grad(temporal_median_fast(tensor, 1).sum(), tensor)
+    assert torch.allclose(grad, torch.tensor([[0.0, 1 / 3, 1 / 3, 0.0, 1 / 3]]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels against the reference
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+@pytest.mark.parametrize("frames", FRAME_COUNTS)
+def test_fast_kernels_match_reference_fp32(attention, frames):
+    (query, key, value), offset, grad = module_layout_inputs(2, 2, frames, 12, 8)
+    expected, expected_grads = run_kernels("reference", attention, query, key, value, offset, grad)
+    actual, actual_grads = run_kernels("fast", attention, query, key, value, offset, grad)
+    assert relative_error(actual, expected) <= 1e-5
+    for name, got, want in zip("qkv", actual_grads[:3], expected_grads[:3]):
+        assert relative_error(got, want) <= 1e-5, name
+    if attention == "dstga":  # with T = 1 the offset has no effect, its gradient is 0 up to rounding
+        scale = max(expected_grads[3].abs().max().item(), 1.0)
+        assert (actual_grads[3] - expected_grads[3]).abs().max() <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("frames", FRAME_COUNTS)
+def test_dstga_offset_branch_gradients_fp64(frames):
+    """All weight gradients of a D-STGA attention module (offset branch included) agree in float64."""
+    config = TiMoConfig(
+        hidden_sizes=[16, 32, 48, 64], num_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1], stga_implementation="reference"
+    )
+    torch.manual_seed(0)
+    module = TiMoAttention(config, 16, 2, "dstga").double().train()
+    hidden = torch.randn(2, frames * 9, 16, dtype=torch.float64)
+    grads = {}
+    for implementation in ("reference", "fast"):
+        config.stga_implementation = implementation
+        module.zero_grad()
+        module(hidden, frames).pow(2).sum().backward()
+        grads[implementation] = {name: p.grad.clone() for name, p in module.named_parameters()}
+    for name, expected in grads["reference"].items():
+        actual = grads["fast"][name]
+        assert (actual - expected).abs().max() <= 1e-10 * expected.abs().max() + 1e-14, name
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+def test_fast_kernels_gradcheck(attention):
+    """Finite differences: guards against a dropped gradient term (e.g. through a kernel's log-sum-exp)."""
+    (query, key, value), offset, _ = module_layout_inputs(1, 1, 3, 4, 3, dtype=torch.float64)
+    if attention == "stga":
+        assert torch.autograd.gradcheck(stga_fast, (query, key, value), fast_mode=True)
+    else:
+        median = temporal_median(query.detach())
+
+        def function(query, key, value, offset):
+            return dstga_fast(query, key, value, offset, median)
+
+        assert torch.autograd.gradcheck(function, (query, key, value, offset), fast_mode=True)
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+@pytest.mark.parametrize("frames", [1, 3])
+def test_portable_blocked_kernel_matches_reference(attention, frames, monkeypatch):
+    """The device-independent kernel (used off CPU), with row blocks smaller than a frame."""
+    monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
+    monkeypatch.setattr(attention_fast, "BLOCK_ELEMENTS", 40)
+    (query, key, value), offset, grad = module_layout_inputs(2, 2, frames, 12, 8)
+    expected, expected_grads = run_kernels("reference", attention, query, key, value, offset, grad)
+    actual, actual_grads = run_kernels("fast", attention, query, key, value, offset, grad)
+    assert relative_error(actual, expected) <= 1e-5
+    for got, want in zip(actual_grads[:3], expected_grads[:3]):
+        assert relative_error(got, want) <= 1e-5
+
+
+class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any operator returns."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in torch.utils._pytree.tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                self.largest = max(self.largest, tensor.numel())
+        return out
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+def test_fast_kernels_never_hold_frames_times_tokens_squared(attention):
+    batch, heads, frames, tokens, head_dim = 1, 2, 8, 256, 4  # N^2 above SMALL_BLOCK_ELEMENTS: blocked
+    (query, key, value), offset, grad = module_layout_inputs(batch, heads, frames, tokens, head_dim)
+    largest = {}
+    for implementation in ("reference", "fast"):
+        with LargestTensor() as tracker:
+            run_kernels(implementation, attention, query, key, value, offset, grad)
+        largest[implementation] = tracker.largest
+    assert largest["reference"] >= batch * heads * frames * tokens * (frames + tokens)
+    bound = batch * heads * max(tokens * tokens, frames * tokens * (frames + head_dim))
+    assert largest["fast"] <= bound
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole model: official golden outputs with both implementations, autocast, checkpointing, compile
+
+
+def golden_model(golden: dict, implementation: str) -> TiMoModel:
+    official = golden["config"]
+    config = config_from_official(official, num_channels=official["in_chans"], stga_implementation=implementation)
+    return convert_original_checkpoint(golden["state_dict"], config)
+
+
+@pytest.mark.parametrize("implementation", ["reference", "fast"])
+def test_official_golden_parity(implementation):
+    golden = load_golden("timo_official_small.pt")
+    model = golden_model(golden, implementation)
+    with torch.no_grad():
+        for inputs, outputs in (("input", "outputs"), ("input_T4", "outputs_T4")):
+            for actual, expected in zip(model.compute_feature_maps(golden[inputs])[1:], golden[outputs]):
+                assert (actual - expected).abs().max() <= 1e-5
+        model.double()
+        for actual, expected in zip(model.compute_feature_maps(golden["input"].double())[1:], golden["outputs_fp64"]):
+            assert (actual - expected).abs().max() <= 1e-10
+        model.float().train()
+        for actual, expected in zip(model.compute_feature_maps(golden["input"])[1:], golden["outputs_train_mode"]):
+            assert (actual - expected).abs().max() <= 1e-5
+
+
+def test_stga_implementation_config():
+    assert TiMoConfig().stga_implementation == "fast"
+    with pytest.raises(ValueError, match="stga_implementation"):
+        TiMoConfig(stga_implementation="flash")
+
+
+def tiny_model(tiny_config_kwargs, **overrides) -> TiMoModel:
+    torch.manual_seed(0)
+    return TiMoModel(TiMoConfig(**{**tiny_config_kwargs, **overrides}))
+
+
+def test_autocast_bfloat16(tiny_config_kwargs):
+    model = tiny_model(tiny_config_kwargs).train()
+    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    expected = model(pixel_values).last_hidden_state
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(pixel_values).last_hidden_state
+    output.float().pow(2).sum().backward()
+    assert output.dtype == torch.bfloat16
+    assert relative_error(output.float(), expected) < 0.1
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
+    # The kernels themselves under autocast: same result as the reference kernels under autocast.
+    (query, key, value), offset, grad = module_layout_inputs(1, 2, 3, 16, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for attention in ("stga", "dstga"):
+            fast, _ = run_kernels("fast", attention, query, key, value, offset, grad)
+            reference, _ = run_kernels("reference", attention, query, key, value, offset, grad)
+            assert relative_error(fast.float(), reference.float()) < 0.05
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
+    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_model(tiny_config_kwargs).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        model(pixel_values).last_hidden_state.pow(2).sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, expected in grads[0].items():
+        torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+def test_torch_compile_block_without_graph_breaks(attention, tiny_config_kwargs):
+    """A whole block compiles as one graph (fullgraph=True), forward and backward.
+
+    The `aot_eager` backend traces exactly what inductor would receive (graph capture and the autograd.Function
+    backward) without spending a minute on code generation; the benchmark suite runs the inductor backend.
+    """
+    config = TiMoConfig(**tiny_config_kwargs)
+    torch.manual_seed(0)
+    layer = TiMoLayer(config, 16, 2, attention, 0.0).train()
+    hidden = torch.randn(2, 3 * 16, 16, requires_grad=True)
+    expected = layer(hidden, 3)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), hidden)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    output = compiled(hidden, 3)
+    (grad,) = torch.autograd.grad(output.sum(), hidden)
+    torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(grad, expected_grad)
