@@ -29,8 +29,12 @@ from .attention_timo import dstga_reference, stga_reference, temporal_median
 
 
 # The portable spatial kernel holds at most this many logits per (batch * head) slice at a time.
-BLOCK_ELEMENTS = 1 << 19
+BLOCK_ELEMENTS = 1 << 20
 SMALL_BLOCK_ELEMENTS = 1 << 16
+# Up to this many frames, products over the frames are unrolled (tiny batched matrix products are slow on CPU).
+SMALL_FRAMES = 4
+# Backward reuses the forward's token-layout copies of q, k, v up to this many elements each (else makes them again).
+KEEP_COPIES_ELEMENTS = 1 << 20
 # Above this many frames the temporal median falls back to `torch.median` (the sorting network grows as T log^2 T).
 MAX_NETWORK_FRAMES = 32
 
@@ -225,13 +229,17 @@ def spatial_attention_backward(
     else:
         row_term = row_term.reshape(-1, num_rows, 1).to(stats)
     # One extra column folds the subtractions into the products: [q, -lse] . [k, 1] = q.k - lse and
-    # [g, -row_term] . [v, 1] = g.v - row_term, saving two passes over every block of logits.
-    ones = keys.new_ones(keys.shape[0], num_keys, 1)
-    rows_lse = torch.cat([rows, -lse], dim=-1)
-    keys_one_t = torch.cat([keys, ones], dim=-1).transpose(1, 2)
-    grads_row = torch.cat([grads, -row_term], dim=-1)
-    values_one_t = torch.cat([values, ones], dim=-1).transpose(1, 2)
-    head_dim = rows.shape[-1]
+    # [g, -row_term] . [v, 1] = g.v - row_term, saving two passes over every block of logits (worth the copies
+    # only where the logits outnumber the values).
+    fold = num_keys > values.shape[-1]
+    if fold:
+        ones = keys.new_ones(keys.shape[0], num_keys, 1)
+        rows_lse = torch.cat([rows, -lse], dim=-1)
+        keys_t = torch.cat([keys, ones], dim=-1).transpose(1, 2)
+        grads_row = torch.cat([grads, -row_term], dim=-1)
+        values_t = torch.cat([values, ones], dim=-1).transpose(1, 2)
+    else:
+        rows_lse, keys_t, grads_row, values_t = rows, keys.transpose(1, 2), grads, values.transpose(1, 2)
     grad_keys = grad_values = None
     grad_rows = []
     # Two blocks of logits are alive at once (weights and their gradient): half the rows keeps them within N^2
@@ -244,12 +252,14 @@ def spatial_attention_backward(
         stop = start + block
         chunk, grad_chunk = rows[:, start:stop], grads[:, start:stop]
         size = chunk.shape[1]
-        weights = torch.bmm(rows_lse[:, start:stop], keys_one_t, out=buffers.view(size)).exp_()
+        weights = torch.bmm(rows_lse[:, start:stop], keys_t, out=buffers.view(size))
+        weights = (weights if fold else weights.sub_(lse[:, start:stop])).exp_()
         if grad_values is None:
             grad_values = torch.bmm(weights.transpose(1, 2), grad_chunk)
         else:
             grad_values.baddbmm_(weights.transpose(1, 2), grad_chunk)
-        grad_logits = torch.bmm(grads_row[:, start:stop], values_one_t, out=buffers.view(size, 1)).mul_(weights)
+        grad_logits = torch.bmm(grads_row[:, start:stop], values_t, out=buffers.view(size, 1))
+        grad_logits = (grad_logits if fold else grad_logits.sub_(row_term[:, start:stop])).mul_(weights)
         grad_rows.append(torch.bmm(grad_logits, keys))
         if grad_keys is None:
             grad_keys = torch.bmm(grad_logits.transpose(1, 2), chunk)
@@ -294,7 +304,7 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
 def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
     """`spatial_share * spatial_out + temporal_weights @ value(same token)` (token layout in) as `[B, h, T, N, d]`
     stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of it."""
-    output = torch.addcmul(torch.matmul(temporal_weights, value), spatial_share.unsqueeze(-1), spatial_out)
+    output = torch.addcmul(_frames_product(temporal_weights, value), spatial_share.unsqueeze(-1), spatial_out)
     return output.permute(0, 3, 2, 1, 4).to(dtype).contiguous().permute(0, 3, 1, 2, 4)
 
 
@@ -303,12 +313,24 @@ def _row_term(grad_output: torch.Tensor, output: torch.Tensor, dtype: torch.dtyp
     return _by_frame((grad_output.to(dtype) * output.to(dtype)).sum(-1))
 
 
+def _frames_product(weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
+    """`weights @ tensor` for `[..., T, T]` x `[..., T, d]`: for a few frames a sum of T scaled copies beats a
+    batched product of tiny matrices."""
+    frames = weights.shape[-1]
+    if frames > SMALL_FRAMES:
+        return torch.matmul(weights, tensor)
+    result = weights[..., :1] * tensor[..., :1, :]
+    for frame in range(1, frames):
+        result = result.addcmul_(weights[..., frame : frame + 1], tensor[..., frame : frame + 1, :])
+    return result
+
+
 def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
     """Gradients of the temporal part of the joint softmax (token layout, statistics dtype)."""
     grad_logits = torch.matmul(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
-    grad_query = torch.matmul(grad_logits, key)
-    grad_key = torch.matmul(grad_logits.transpose(-1, -2), query)
-    grad_value = torch.matmul(temporal_weights.transpose(-1, -2), grad)
+    grad_query = _frames_product(grad_logits, key)
+    grad_key = _frames_product(grad_logits.transpose(-1, -2), query)
+    grad_value = _frames_product(temporal_weights.transpose(-1, -2), grad)
     return grad_query, grad_key, grad_value
 
 
@@ -325,16 +347,16 @@ class _STGAFunction(torch.autograd.Function):
             spatial_out, spatial_lse = spatial_attention_forward(per_frame(query), per_frame(key), per_frame(value))
             spatial_out = spatial_out.view(batch, frames, heads, tokens, head_dim).permute(0, 2, 3, 1, 4)
             spatial_lse = spatial_lse.view(batch, frames, heads, tokens).permute(0, 2, 3, 1)
-            lse, spatial_share, temporal_weights = _merge(
-                spatial_lse, _by_token(query, stats), _by_token(key, stats)
-            )
-            output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, _by_token(value, stats), query.dtype)
-        ctx.save_for_backward(query, key, value, output, lse, temporal_weights)
+            tokens_qkv = tuple(_by_token(tensor, stats) for tensor in (query, key, value))
+            lse, spatial_share, temporal_weights = _merge(spatial_lse, *tokens_qkv[:2])
+            output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, tokens_qkv[2], query.dtype)
+        ctx.keep_copies = query.numel() <= KEEP_COPIES_ELEMENTS  # as in D-STGA
+        ctx.save_for_backward(query, key, value, output, lse, temporal_weights, *(tokens_qkv if ctx.keep_copies else ()))
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, output, lse, temporal_weights = ctx.saved_tensors
+        query, key, value, output, lse, temporal_weights, *tokens_qkv = ctx.saved_tensors
         with _no_autocast(query):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
@@ -342,13 +364,10 @@ class _STGAFunction(torch.autograd.Function):
             def per_frame(tensor):
                 return tensor.transpose(1, 2).reshape(batch * frames, heads, tokens, tensor.shape[-1])
 
+            if not ctx.keep_copies:
+                tokens_qkv = [_by_token(tensor, stats) for tensor in (query, key, value)]
             grads_t = _temporal_backward(
-                _by_token(grad_output, stats),
-                _by_token(query, stats),
-                _by_token(key, stats),
-                _by_token(value, stats),
-                temporal_weights,
-                _row_term(grad_output, output, stats),
+                _by_token(grad_output, stats), *tokens_qkv, temporal_weights, _row_term(grad_output, output, stats)
             )
             grads_s = spatial_attention_backward(
                 per_frame(grad_output.to(query.dtype)),
@@ -379,15 +398,17 @@ class _DSTGAFunction(torch.autograd.Function):
             )
             spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
             spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
-            lse, spatial_share, temporal_weights = _merge(spatial_lse, _by_token(query, stats), _by_token(key, stats))
+            query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
+            lse, spatial_share, temporal_weights = _merge(spatial_lse, query_tokens, key_tokens)
             output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), query.dtype)
-        # The inputs are views of the projections (kept alive anyway): saving them costs nothing, unlike their
-        # token-layout copies, which backward makes again.
+        # The inputs are views of the projections (kept alive anyway): saving them costs no memory, unlike their
+        # token-layout copies, which backward makes again unless the tensors are small (then time matters more).
+        ctx.keep_copies = query.numel() <= KEEP_COPIES_ELEMENTS
+        saved = (query_tokens, key_tokens, value_tokens) if ctx.keep_copies else (query, key, value)
         ctx.save_for_backward(
-            query, key, value, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
-            temporal_weights,
+            *saved, query_median, key_median, output, spatial_out, shared_lse, spatial_share, temporal_weights
         )
-        ctx.offset_dtype = offset.dtype
+        ctx.dtypes = (query.dtype, key.dtype, value.dtype, offset.dtype)
         return output
 
     @staticmethod
@@ -396,35 +417,40 @@ class _DSTGAFunction(torch.autograd.Function):
             query, key, value, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
             temporal_weights,
         ) = ctx.saved_tensors
+        query_dtype, key_dtype, value_dtype, offset_dtype = ctx.dtypes
         with _no_autocast(query):
-            batch, heads, frames, tokens, head_dim = query.shape
-            stats = _statistics_dtype(query.dtype)
+            batch, heads, frames, tokens, head_dim = output.shape
+            stats = _statistics_dtype(query_dtype)
+            if ctx.keep_copies:
+                query_tokens, key_tokens, value_tokens = query, key, value
+            else:
+                query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
+                value_tokens = _by_token(value, value.dtype)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
             grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
             # The shared softmax sees every frame's gradient scaled by that frame's spatial share; its row term is
             # the share-weighted sum of the frames' row terms.
             packed = (batch, heads, tokens, frames * head_dim)
-            value_tokens = _by_token(value, value.dtype)
             use_output = _use_cpu_flash(query_median, value_tokens.view(packed))
             grad_query_median, grad_key_median, grad_value_tokens = spatial_attention_backward(
-                (grad * spatial_share.unsqueeze(-1)).reshape(packed).to(value.dtype),
+                (grad * spatial_share.unsqueeze(-1)).reshape(packed).to(value_dtype),
                 query_median,
                 key_median,
                 value_tokens.view(packed),
-                _by_token(output, value.dtype).view(packed) if use_output else None,
+                _by_token(output, value_dtype).view(packed) if use_output else None,
                 shared_lse,
                 row_term=None if use_output else (spatial_share * row_term).sum(-1),
             )
             grad_query, grad_key, grad_value = _temporal_backward(
-                grad, _by_token(query, stats), _by_token(key, stats), value_tokens.to(stats), temporal_weights, row_term
+                grad, query_tokens, key_tokens, value_tokens.to(stats), temporal_weights, row_term
             )
             grad_value = grad_value.add_(grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim))
             return (
-                _by_frame(grad_query).to(query.dtype),
-                _by_frame(grad_key).to(key.dtype),
-                _by_frame(grad_value).to(value.dtype),
-                _by_frame(grad_offset).to(ctx.offset_dtype),
+                _by_frame(grad_query).to(query_dtype),
+                _by_frame(grad_key).to(key_dtype),
+                _by_frame(grad_value).to(value_dtype),
+                _by_frame(grad_offset).to(offset_dtype),
                 grad_query_median,
                 grad_key_median,
             )

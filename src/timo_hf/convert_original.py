@@ -89,17 +89,24 @@ def rename_backbone_key(key: str) -> str | None:
     return None
 
 
-def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
+def _rename_dropping_head(state_dict: dict, report: ConversionReport, rename, head_reason: str) -> dict:
+    """Rename every key with `rename`, dropping (and reporting) the official unused 1000-class `head`."""
     converted = {}
     for key, tensor in state_dict.items():
         if _UNUSED_BACKBONE_HEAD.match(key):
-            report.dropped[key] = "unused 1000-class ImageNet head of the official backbone"
+            report.dropped[key] = head_reason
             continue
-        new_key = rename_backbone_key(key)
+        new_key = rename(key)
         if new_key is not None:
             report.renamed[key] = new_key
             converted[new_key] = tensor
     return converted
+
+
+def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
+    return _rename_dropping_head(
+        state_dict, report, rename_backbone_key, "unused 1000-class ImageNet head of the official backbone"
+    )
 
 
 # Official pre-training (MAE) decoder name -> timo_hf TiMoForMaskedImageModeling name.
@@ -128,16 +135,9 @@ def rename_pretraining_key(key: str) -> str | None:
 
 
 def _convert_pretraining(state_dict: dict, report: ConversionReport) -> dict:
-    converted = {}
-    for key, tensor in state_dict.items():
-        if _UNUSED_BACKBONE_HEAD.match(key):
-            report.dropped[key] = "unused 1000-class head of the official pre-training model"
-            continue
-        new_key = rename_pretraining_key(key)
-        if new_key is not None:
-            report.renamed[key] = new_key
-            converted[new_key] = tensor
-    return converted
+    return _rename_dropping_head(
+        state_dict, report, rename_pretraining_key, "unused 1000-class head of the official pre-training model"
+    )
 
 
 def _convert_under_prefix(state_dict: dict, report: ConversionReport, official_prefix: str, prefix: str) -> dict:

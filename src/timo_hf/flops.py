@@ -4,7 +4,8 @@
 `scaled_dot_product_attention`: the CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no registered
 formula, so MHSA would count 0. `count_flops` registers the standard attention formulas for that kernel and its
 backward, so attention is counted whatever the device. Softmax, GELU, normalisation, medians and element-wise ops
-are not counted (as in the paper's and the official measurements).
+are not counted (as in the paper's and the official measurements); neither are the products over at most 4 frames
+that the fast STGA kernels unroll into element-wise operations (a few percent of an STGA layer's count at most).
 """
 
 import contextlib
