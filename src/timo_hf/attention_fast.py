@@ -242,11 +242,10 @@ def spatial_attention_backward(
         rows_lse, keys_t, grads_row, values_t = rows, keys.transpose(1, 2), grads, values.transpose(1, 2)
     grad_keys = grad_values = None
     grad_rows = []
-    # Two blocks of logits are alive at once (weights and their gradient): half the rows keeps them within N^2
-    # (small matrices, below SMALL_BLOCK_ELEMENTS per slice, are done in one block).
-    block = _row_block(num_rows, num_keys)
-    if 2 * block * num_keys > max(num_rows * num_keys, SMALL_BLOCK_ELEMENTS):
-        block = max(1, block // 2)
+    # Two blocks of logits are alive at once (weights and their gradient): together they stay within the forward's
+    # one block and within N^2 (small matrices, up to SMALL_BLOCK_ELEMENTS per slice, are done in one block).
+    budget = min(BLOCK_ELEMENTS, max(num_rows * num_keys, SMALL_BLOCK_ELEMENTS))
+    block = max(1, min(_row_block(num_rows, num_keys), budget // (2 * num_keys)))
     buffers = _WorkBuffers(rows.shape[0], block, num_keys, rows, count=2)
     for start in range(0, num_rows, block):
         stop = start + block
@@ -313,6 +312,12 @@ def _row_term(grad_output: torch.Tensor, output: torch.Tensor, dtype: torch.dtyp
     return _by_frame((grad_output.to(dtype) * output.to(dtype)).sum(-1))
 
 
+def _keep_copies(query: torch.Tensor) -> bool:
+    """Whether backward reuses the forward's token-layout copies. Never while tracing (torch.compile /
+    torch.export): a size test there would become a guard on the (possibly dynamic) batch size."""
+    return not torch.compiler.is_compiling() and query.numel() <= KEEP_COPIES_ELEMENTS
+
+
 def _frames_product(weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor:
     """`weights @ tensor` for `[..., T, T]` x `[..., T, d]`: for a few frames a sum of T scaled copies beats a
     batched product of tiny matrices."""
@@ -350,7 +355,7 @@ class _STGAFunction(torch.autograd.Function):
             tokens_qkv = tuple(_by_token(tensor, stats) for tensor in (query, key, value))
             lse, spatial_share, temporal_weights = _merge(spatial_lse, *tokens_qkv[:2])
             output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, tokens_qkv[2], query.dtype)
-        ctx.keep_copies = query.numel() <= KEEP_COPIES_ELEMENTS  # as in D-STGA
+        ctx.keep_copies = _keep_copies(query)
         ctx.save_for_backward(query, key, value, output, lse, temporal_weights, *(tokens_qkv if ctx.keep_copies else ()))
         return output
 
@@ -403,7 +408,7 @@ class _DSTGAFunction(torch.autograd.Function):
             output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), query.dtype)
         # The inputs are views of the projections (kept alive anyway): saving them costs no memory, unlike their
         # token-layout copies, which backward makes again unless the tensors are small (then time matters more).
-        ctx.keep_copies = query.numel() <= KEEP_COPIES_ELEMENTS
+        ctx.keep_copies = _keep_copies(query)
         saved = (query_tokens, key_tokens, value_tokens) if ctx.keep_copies else (query, key, value)
         ctx.save_for_backward(
             *saved, query_median, key_median, output, spatial_out, shared_lse, spatial_share, temporal_weights
