@@ -374,6 +374,7 @@ class _STGAFunction(torch.autograd.Function):
             grads_t = _temporal_backward(
                 _by_token(grad_output, stats), *tokens_qkv, temporal_weights, _row_term(grad_output, output, stats)
             )
+            del tokens_qkv
             grads_s = spatial_attention_backward(
                 per_frame(grad_output.to(query.dtype)),
                 per_frame(query),
@@ -426,11 +427,7 @@ class _DSTGAFunction(torch.autograd.Function):
         with _no_autocast(query):
             batch, heads, frames, tokens, head_dim = output.shape
             stats = _statistics_dtype(query_dtype)
-            if ctx.keep_copies:
-                query_tokens, key_tokens, value_tokens = query, key, value
-            else:
-                query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
-                value_tokens = _by_token(value, value.dtype)
+            value_tokens = value if ctx.keep_copies else _by_token(value, value_dtype)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
             grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
@@ -447,9 +444,14 @@ class _DSTGAFunction(torch.autograd.Function):
                 shared_lse,
                 row_term=None if use_output else (spatial_share * row_term).sum(-1),
             )
+            if ctx.keep_copies:
+                query_tokens, key_tokens = query, key
+            else:  # made again only now, so that they do not coexist with the spatial part's blocks
+                query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
             grad_query, grad_key, grad_value = _temporal_backward(
                 grad, query_tokens, key_tokens, value_tokens.to(stats), temporal_weights, row_term
             )
+            del query_tokens, key_tokens, grad
             grad_value = grad_value.add_(grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim))
             return (
                 _by_frame(grad_query).to(query_dtype),
