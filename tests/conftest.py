@@ -1,6 +1,9 @@
 """Shared test fixtures: tiny configurations and access to the official golden outputs in ../shared."""
 
 import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,7 +13,9 @@ from timo_hf import TiMoConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-SHARED_GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "golden"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+FSDP_ON_CPU = Path(__file__).resolve().with_name("fsdp_on_cpu.py")
 
 
 def load_golden(name: str) -> dict:
@@ -44,3 +49,25 @@ def tiny_config_kwargs() -> dict:
         depths=[1, 1, 1, 1],
         attention_types=["dstga", "stga", "mhsa", "mhsa"],
     )
+
+
+def accelerate_launch(script: str | Path, *args: str, processes: int = 2, fsdp: bool = False, cwd: Path | None = None,
+                      timeout: int = 400) -> subprocess.CompletedProcess:
+    """`accelerate launch` of a training script on `processes` CPU processes (gloo), as users run it: DDP, or FSDP
+    with `training/accelerate/fsdp.yaml` (through `fsdp_on_cpu.py`, which lets accelerate use FSDP on CPUs).
+    Fails the test with the tail of stderr when the launch fails."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(processes),
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port)]
+    if fsdp:
+        command += ["--config_file", str(REPO / "training" / "accelerate" / "fsdp.yaml"), str(FSDP_ON_CPU)]
+    elif processes > 1:
+        command.insert(3, "--multi_gpu")
+    command += [str(script), *args]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return completed

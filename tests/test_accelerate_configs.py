@@ -15,7 +15,7 @@ import pytest
 import torch
 from accelerate.commands.config.config_args import ClusterConfig
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
-from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
 from accelerate.utils.deepspeed import HfDeepSpeedConfig
 from accelerate.utils.launch import prepare_multi_gpu_env
 
@@ -101,6 +101,16 @@ def test_fsdp_environment_builds_a_full_shard_bf16_plugin_wrapping_timo_layers(m
         assert len(blocks) == sum(tiny.depths) + decoder  # every encoder block (and MIM decoder block) is a unit
 
 
+def auto_bucket_sizes() -> dict:
+    """The "auto" ZeRO bucket sizes as accelerate fills them from TiMo-Base's hidden size before DeepSpeed sees them."""
+    hidden = max(TiMoConfig.from_preset("base").hidden_sizes)
+    return {
+        "zero_optimization.reduce_bucket_size": hidden * hidden,
+        "zero_optimization.stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "zero_optimization.stage3_param_persistence_threshold": 10 * hidden,
+    }
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_configs_are_consistent(stage):
     config = ClusterConfig.from_yaml_file(str(CONFIGS / f"deepspeed_zero{stage}.yaml"))
@@ -109,12 +119,18 @@ def test_deepspeed_configs_are_consistent(stage):
     assert config.deepspeed_config["zero3_init_flag"] is (stage == 3)
     raw = json.loads(json_path.read_text())
     assert raw["bf16"]["enabled"] is True and not raw.get("fp16", {}).get("enabled", False)
-    # the training scripts prepare no DataLoader and accumulate themselves: "auto" cannot be resolved for these
+    # the training scripts prepare no DataLoader: "auto" cannot be resolved for the micro batch
     assert isinstance(raw["train_micro_batch_size_per_gpu"], int)
-    assert raw["gradient_accumulation_steps"] == 1
     assert raw["gradient_clipping"] == 0.0
     parsed = HfDeepSpeedConfig(str(json_path))  # accelerate's reader, as DeepSpeedPlugin uses it
     assert parsed.get_value("zero_optimization.stage") == stage
+    # accumulation comes from the scripts' Accelerator(gradient_accumulation_steps=...), as accelerate fills it
+    plugin = DeepSpeedPlugin(hf_ds_config=str(json_path))
+    plugin.deepspeed_config_process(
+        must_match=False, gradient_accumulation_steps=4, gradient_clipping=1.0, **auto_bucket_sizes()
+    )
+    assert plugin.deepspeed_config["gradient_accumulation_steps"] == 4
+    assert plugin.deepspeed_config["gradient_clipping"] == 0.0  # explicit values are kept
     assert parsed.is_zero3() == (stage == 3)
     if stage == 3:
         assert raw["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
@@ -128,21 +144,17 @@ def test_deepspeed_accepts_the_configs(stage):
     from deepspeed.runtime.config import DeepSpeedConfig
 
     raw = json.loads((CONFIGS / f"deepspeed_zero{stage}.json").read_text())
-    # the "auto" bucket sizes are filled by accelerate from the model's hidden_sizes before DeepSpeed sees them
-    hidden = max(TiMoConfig.from_preset("base").hidden_sizes)
     zero = raw["zero_optimization"]
-    for key, value in {
-        "reduce_bucket_size": hidden * hidden,
-        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
-        "stage3_param_persistence_threshold": 10 * hidden,
-    }.items():
+    for key, value in auto_bucket_sizes().items():
+        key = key.removeprefix("zero_optimization.")
         if zero.get(key) == "auto":
             zero[key] = value
+    raw["gradient_accumulation_steps"] = 2  # filled by accelerate from training.gradient_accumulation_steps
     parsed = DeepSpeedConfig(raw)
     assert parsed.zero_optimization_stage == stage
     bf16 = getattr(parsed, "bfloat16_config", None)  # deepspeed >= 0.18; older: `bfloat16_enabled`
     assert bf16.enabled if bf16 is not None else parsed.bfloat16_enabled
-    assert parsed.gradient_accumulation_steps == 1
+    assert parsed.gradient_accumulation_steps == 2
     assert parsed.train_micro_batch_size_per_gpu == raw["train_micro_batch_size_per_gpu"]
     assert deepspeed.__version__
 

@@ -2,9 +2,6 @@
 initialisation reports, the paper configs on synthetic copies of their datasets, push_to_hub (offline)."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 from unittest import mock
@@ -19,7 +16,7 @@ from timo_hf.modeling_timo import TiMoForSemanticSegmentation
 from timo_hf.modeling_timo_mim import TiMoForMaskedImageModeling
 from timo_hf.synthetic_time_tells import class_names, generate_samples, make_time_tells
 
-from .conftest import load_golden
+from .conftest import accelerate_launch, load_golden
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -312,29 +309,16 @@ def test_bad_settings_are_refused_with_a_clear_message():
 
 
 # ------------------------------------------------------------------------------------------------ DDP
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_process_ddp_launch_gathers_metrics_exactly(tmp_path):
     """`accelerate launch` with 2 CPU processes (gloo): 3 steps; the 9 test series are split 5 / 4 over the ranks,
     and the summed confusion matrix equals a single-process evaluation of the saved model (no sample twice)."""
     out = tmp_path / "ddp"
-    launcher = Path(sys.executable).with_name("accelerate")
-    command = [str(launcher)] if launcher.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
-    if launcher.exists():
-        command.append("launch")
-    command += ["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-                "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-                str(ROOT / "training" / "finetune.py"), "--config", TIME_TELLS, "--output_dir", str(out),
-                "--data.options.num_samples", "{train: 32, validation: 5, test: 9}", "--max_steps", "3",
-                "--per_device_batch_size", "4", "--eval_batch_size", "1", "--logging_steps", "1",
-                "--num_quicklooks", "1"]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert completed.returncode == 0, completed.stderr[-4000:]
+    accelerate_launch(
+        ROOT / "training" / "finetune.py", "--config", TIME_TELLS, "--output_dir", str(out),
+        "--data.options.num_samples", "{train: 32, validation: 5, test: 9}", "--max_steps", "3",
+        "--per_device_batch_size", "4", "--eval_batch_size", "1", "--logging_steps", "1", "--num_quicklooks", "1",
+        cwd=tmp_path,
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["run"]["world_size"] == 2 and results["run"]["effective_batch_size"] == 8
     assert results["run"]["steps"] == 3 and results["run"]["steps_per_epoch"] == 4

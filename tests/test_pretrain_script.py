@@ -1,9 +1,6 @@
 """training/pretrain.py end to end on CPU: loss falls, exact resume, 2-process DDP, fine-tuning the result, errors."""
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +10,8 @@ import torch
 
 from timo_hf import TiMoForMaskedImageModeling, TiMoForSemanticSegmentation
 from timo_hf.image_processing_timo import TiMoImageProcessor
+
+from .conftest import accelerate_launch
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,19 +145,10 @@ def test_resume_errors_are_clear_and_lose_nothing(tmp_path, corpus):
 
 # ---------------------------------------------------------------------------------------------- distributed
 def test_two_process_ddp_run_keeps_ranks_identical(tmp_path, corpus):
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(port),
-        str(REPO / "training" / "pretrain.py"), "--config", TINY, "--data.path", str(corpus),
-        "--output_dir", str(tmp_path), "--max_steps", "3", "--save_steps", "2", "--per_device_batch_size", "2",
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-4000:]
+    accelerate_launch(
+        REPO / "training" / "pretrain.py", "--config", TINY, "--data.path", str(corpus), "--output_dir", str(tmp_path),
+        "--max_steps", "3", "--save_steps", "2", "--per_device_batch_size", "2", timeout=300,
+    )
     summary = json.loads((tmp_path / "run_summary.json").read_text())
     assert summary["world_size"] == 2 and summary["effective_batch_size"] == 4
     first, second = summary["rank_parameter_digests"]
@@ -167,7 +157,7 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path, corpus):
         "random_states_0.pkl", "random_states_1.pkl", "model.safetensors", "optimizer.bin"
     }
     saved = TiMoForMaskedImageModeling.from_pretrained(tmp_path / "model")
-    assert pretrain.parameter_digest(saved) == first
+    assert common.state_digest(dict(saved.named_parameters())) == first == summary["parameter_digest"]
     assert sorted(losses(tmp_path)) == [1, 2, 3]
 
 
@@ -227,17 +217,35 @@ def test_push_to_hub_uploads_the_final_folder(tmp_path):
     assert calls == [("create_repo", "user/timo-mim"), ("upload_folder", str(tmp_path), "user/timo-mim")]
 
 
-def test_project_dataset_loader_streams_into_the_script(tmp_path):
-    """data.source timo: the MillionST builder (official npy + CSV layout), streamed and read through the image
-    processor."""
+def test_project_dataset_loader_streams_into_the_script_and_resumes_exactly(tmp_path):
+    """data.source timo: the MillionST builder (official npy + CSV layout), streamed with a shuffle block of 3 and
+    read through the image processor; interrupted after step 2 (mid-block, mid-epoch) and resumed from the saved stream
+    position, the run repeats the losses of an uninterrupted one."""
     from timo_hf.data.synthetic import write_millionst
 
-    raw = write_millionst(tmp_path / "millionst", layout="npy", num_locations=4, num_timestamps=10, size=64)
-    summary = run_script(
-        tmp_path / "run", raw, "--data.source", "timo", "--data.name", "millionst", "--data.streaming", "true",
-        "--data.options", "{layout: npy}", "--data.normalization", "rgb_uint8", "--max_steps", "2",
-        "--per_device_batch_size", "2", "--save_steps", "1000",
-    )
-    assert summary["finished"] and np.isfinite(summary["final_loss"])
-    processor = TiMoImageProcessor.from_pretrained(tmp_path / "run" / "model")
+    raw = write_millionst(tmp_path / "millionst", layout="npy", num_locations=6, num_timestamps=10, size=64)
+    settings = ("--data.source", "timo", "--data.name", "millionst", "--data.streaming", "true",
+                "--data.options", "{layout: npy}", "--data.normalization", "rgb_uint8", "--data.shuffle_buffer", "3",
+                "--max_steps", "4", "--per_device_batch_size", "2", "--save_steps", "2")
+    whole = run_script(tmp_path / "whole", raw, *settings)
+    assert whole["finished"] and np.isfinite(whole["final_loss"])
+    processor = TiMoImageProcessor.from_pretrained(tmp_path / "whole" / "model")
     assert processor.normalization == "rgb_uint8"
+
+    run_script(tmp_path / "parts", raw, *settings, "--stop_at_step", "2")
+    state = json.loads((tmp_path / "parts" / "checkpoints" / "step_00000002" / "data_state_rank0.json").read_text())
+    assert state["samples_consumed"] == 4 and state["block_offset"] not in (0, None)  # resumed mid-block
+    resumed = run_script(tmp_path / "parts", raw, *settings, "--resume", "latest")
+    assert losses(tmp_path / "parts") == losses(tmp_path / "whole")
+    assert resumed["parameter_digest"] == whole["parameter_digest"]
+
+
+def test_tensorboard_receives_the_metrics_when_installed(tmp_path, corpus):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (optional); JSONL logging only")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_script(tmp_path, corpus, "--max_steps", "2", "--per_device_batch_size", "2")
+    events = [EventAccumulator(str(path)) for path in (tmp_path / "logs" / "timo_pretrain").glob("events*")]
+    scalars = {tag: [e.value for e in event.Scalars(tag)] for event in events if event.Reload()
+               for tag in event.Tags()["scalars"]}
+    assert scalars["loss"] == pytest.approx([record for _, record in sorted(losses(tmp_path).items())])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import importlib.util
 import json
 import math
@@ -174,23 +175,69 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, learning_rate: float) ->
 def optimizer_step(accelerator, model, optimizer, loss_of, accumulation: int, max_grad_norm: float | None,
                    step: int) -> tuple[float, float | None]:
     """One optimizer step over `accumulation` micro-batches: `loss_of(micro)` computes the loss of micro-batch
-    `micro` (under autocast; gradients are synchronised across processes on the last one only), backward of
-    `loss / accumulation`, optional clipping, step, zero_grad. Returns the loss averaged over micro-batches and
-    processes and the gradient norm (None without clipping); a non-finite loss raises FloatingPointError."""
+    `micro` (under autocast), backward, optional clipping, step, zero_grad. Returns the loss averaged over
+    micro-batches and processes and the gradient norm (None without clipping); a non-finite loss raises
+    FloatingPointError.
+
+    The accelerator must have been built with `gradient_accumulation_steps=accumulation`: `accelerator.backward`
+    then divides each loss by it (DeepSpeed's engine does the same with the value accelerate hands it), and
+    `sync_gradients` is set per micro-batch so that gradients are reduced, and DeepSpeed's engine steps, on the
+    last micro-batch only, whatever the engine (DDP, FSDP, DeepSpeed)."""
+    if accelerator.gradient_accumulation_steps != accumulation:
+        raise ValueError(
+            f"The accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches but the step has "
+            f"{accumulation}; build it with Accelerator(gradient_accumulation_steps={accumulation})."
+        )
     losses = []
     for micro in range(accumulation):
-        sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
+        last = micro == accumulation - 1
+        accelerator.sync_gradients = last
+        sync = contextlib.nullcontext() if last else accelerator.no_sync(model)
         with sync, accelerator.autocast():
             loss = loss_of(micro)
-            accelerator.backward(loss / accumulation)
+            accelerator.backward(loss)
         losses.append(loss.detach().float())
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)) if max_grad_norm else None
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_grad_norm) if max_grad_norm else None
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     mean_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
     if not math.isfinite(mean_loss):
         raise FloatingPointError(f"Loss became {mean_loss} at step {step + 1}; lower the learning rate or check data.")
-    return mean_loss, grad_norm
+    return mean_loss, None if grad_norm is None else float(grad_norm)
+
+
+def full_state_dict(accelerator, model) -> dict:
+    """The whole model's state dict, gathered from the shards under FSDP / DeepSpeed ZeRO-3 (on the main process;
+    other processes may get an empty dict). Every process must call it: gathering is collective."""
+    return accelerator.get_state_dict(model)
+
+
+def load_full_state_dict(accelerator, model, state_dict: dict) -> None:
+    """Load a whole-model state dict into a prepared model, sharded (FSDP2: the main process's copy is broadcast into
+    the shards) or not."""
+    if getattr(accelerator, "is_fsdp2", False):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=True)
+        set_model_state_dict(model, state_dict if accelerator.is_main_process else {}, options=options)
+    else:
+        accelerator.unwrap_model(model).load_state_dict(state_dict, strict=True)
+
+
+def state_digest(state_dict: dict) -> str:
+    """SHA-256 of every tensor's bytes, in name order (equal digests = bit-identical weights and buffers)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether each process holds only part of the weights (FSDP, DeepSpeed)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def derive_seed(*parts: int) -> int:
@@ -292,7 +339,9 @@ class CheckpointManager:
         found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := self.PATTERN.match(p.name))]
         return [path for _, path in sorted(found)]
 
-    def save(self, step: int, training_state: dict) -> Path:
+    def save(self, step: int, training_state: dict, write_rank_files=None) -> Path:
+        """Write checkpoint `step`; `write_rank_files(folder)`, if given, runs on every process once the
+        accelerator's state is in the folder (e.g. each rank's data position)."""
         accelerator = self.accelerator
         final = self.directory / f"step_{step:08d}"
         staging = self.directory / f".incomplete-step_{step:08d}"
@@ -302,6 +351,8 @@ class CheckpointManager:
                 shutil.rmtree(staging)
         accelerator.wait_for_everyone()
         accelerator.save_state(str(staging))
+        if write_rank_files is not None:
+            write_rank_files(staging)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             state_path = staging / self.STATE_FILE
@@ -334,10 +385,14 @@ class CheckpointManager:
             raise CheckpointError(f"--resume {resume}: no such checkpoint folder.")
         return path
 
-    def load(self, resume: str | os.PathLike) -> dict:
+    def load(self, resume: str | os.PathLike, model=None, optimizer=None) -> dict:
         """Restore model, optimizer, scaler and RNG states from a checkpoint; return its training state.
 
-        Raises `CheckpointError` naming the folder when it is incomplete or corrupt (no fallback to another one).
+        A checkpoint written with sharded weights (FSDP, `pytorch_model_fsdp_0/`) resumes in a run that keeps whole
+        weights (one process, DDP) and the reverse: `model` and `optimizer` (the prepared ones) are then loaded
+        from the whole-model states (see `load_across_layouts`). Between two sharded runs, torch.distributed
+        .checkpoint re-shards for any process count. Raises `CheckpointError` naming the folder when it is
+        incomplete or corrupt (no fallback to another one).
         """
         path = self.resolve(resume)
         state_path = path / self.STATE_FILE
@@ -349,14 +404,87 @@ class CheckpointManager:
                 f"Checkpoint {path} is incomplete or corrupt: cannot read {self.STATE_FILE} ({err}). Nothing was "
                 "deleted; resume from another checkpoint with --resume <folder>."
             ) from err
+        saved, running = checkpoint_layout(path), weights_layout(self.accelerator)
         try:
-            self.accelerator.load_state(str(path))
+            if saved == running:
+                self.accelerator.load_state(str(path))
+            elif model is None or optimizer is None:
+                raise ValueError(f"a checkpoint with {saved} weights needs the model and optimizer to convert")
+            else:
+                load_across_layouts(self.accelerator, path, saved, model, optimizer)
         except Exception as err:  # safetensors, pickle and shape errors all mean the same thing here
             raise CheckpointError(
                 f"Checkpoint {path} is corrupt and cannot be loaded ({type(err).__name__}: {err}). Nothing was "
                 "deleted; resume from another checkpoint with --resume <folder>."
             ) from err
         return training_state
+
+
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"  # accelerate's names for FSDP's SHARDED_STATE_DICT checkpoints
+SHARDED_OPTIMIZER_DIR = "optimizer_0"
+
+
+def checkpoint_layout(path: Path) -> str:
+    """`"sharded"` for a checkpoint written under FSDP (torch.distributed.checkpoint folders), else `"whole"`."""
+    return "sharded" if (path / SHARDED_MODEL_DIR).is_dir() else "whole"
+
+
+def weights_layout(accelerator) -> str:
+    """How `accelerator.save_state` of this run writes weights: `"sharded"` under FSDP with a sharded state dict."""
+    plugin = getattr(accelerator.state, "fsdp_plugin", None)
+    if getattr(accelerator, "is_fsdp2", False) and "SHARDED" in str(getattr(plugin, "state_dict_type", "")):
+        return "sharded"
+    return "whole"
+
+
+def _read_distributed_checkpoint(folder: Path) -> dict:
+    """A torch.distributed.checkpoint folder as one in-memory dict of whole tensors (no process group needed)."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as scratch:
+        target = Path(scratch) / "whole.pt"
+        dcp_to_torch_save(str(folder), str(target))
+        return torch.load(target, weights_only=True)
+
+
+def _optimizer_state_by_name(saved: dict, optimizer, names: dict[int, str]) -> dict:
+    """`optimizer.state_dict()` format (parameters numbered in param-group order) -> keyed by parameter name."""
+    ordered = [names[id(parameter)] for group in optimizer.param_groups for parameter in group["params"]]
+    return {
+        "state": {ordered[index]: value for index, value in saved["state"].items()},
+        "param_groups": [{**group, "params": [ordered[i] for i in group["params"]]} for group in saved["param_groups"]],
+    }
+
+
+def load_across_layouts(accelerator, path: Path, saved: str, model, optimizer) -> None:
+    """Resume from a checkpoint whose weights layout differs from this run's (sharded <-> whole): model and AdamW
+    states are read whole and loaded into this run's layout. RNG states are not restored (they belong to the old
+    process layout): only dropout / drop-path draws can differ from an uninterrupted run."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    unwrapped = accelerator.unwrap_model(model)
+    inner_optimizer = getattr(optimizer, "optimizer", optimizer)
+    if saved == "sharded":
+        model_state = _read_distributed_checkpoint(path / SHARDED_MODEL_DIR)["model"]
+        optimizer_state = _read_distributed_checkpoint(path / SHARDED_OPTIMIZER_DIR)["optimizer"]
+    else:
+        model_state = load_file(str(path / "model.safetensors"))
+        names = {id(parameter): name for name, parameter in unwrapped.named_parameters()}
+        optimizer_state = _optimizer_state_by_name(
+            torch.load(path / "optimizer.bin", weights_only=True), inner_optimizer, names
+        )
+    load_full_state_dict(accelerator, model, model_state)
+    sharded = getattr(accelerator, "is_fsdp2", False)
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=sharded)
+    if sharded and not accelerator.is_main_process:
+        optimizer_state = {}
+    set_optimizer_state_dict(unwrapped, inner_optimizer, optimizer_state, options=options)
+    scaler = path / "scaler.pt"
+    if accelerator.scaler is not None and scaler.is_file():
+        accelerator.scaler.load_state_dict(torch.load(scaler, weights_only=True))
 
 
 def open_checkpoints(accelerator, output_dir: str | os.PathLike, training: dict) -> CheckpointManager:

@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator, DistributedDataParallelKwargs
-from accelerate.utils import set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 TRAINING_DIR = Path(__file__).resolve().parent
@@ -64,6 +64,8 @@ from common import (  # noqa: E402
     CheckpointError,
     derive_seed,
     flatten_settings,
+    full_state_dict,
+    load_full_state_dict,
     load_yaml,
     make_trackers,
     merge_config,
@@ -390,8 +392,10 @@ def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size:
     """Confusion matrix of `model` on `dataset`, summed over processes, and up to `num_quicklooks` samples
     (inputs, labels, predictions) of the main process.
 
-    Process `r` of `W` evaluates examples `r, r + W, ...` (each example exactly once, no padding), with the model
+    Process `r` of `W` evaluates examples `r, r + W, ...` (each example counted exactly once), with the model
     unwrapped and its buffers (BatchNorm statistics) broadcast from process 0, so results do not depend on `W`.
+    Every process runs the same number of forward passes (its share is padded with repeats that are not counted):
+    under FSDP each forward is a collective.
     """
     rank = accelerator.process_index if accelerator is not None else 0
     world = accelerator.num_processes if accelerator is not None else 1
@@ -401,16 +405,20 @@ def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size:
             torch.distributed.broadcast(buffer.data, src=0)
     was_training = model.training
     model.eval()
+    share = list(range(rank, len(dataset), world))
+    padded = share + share[:1] * (math.ceil(len(dataset) / world) - len(share))
     loader = torch.utils.data.DataLoader(
-        IndexedExamples(dataset, range(rank, len(dataset), world)), batch_size=batch_size,
-        collate_fn=ProcessBatch(processor),
+        IndexedExamples(dataset, padded), batch_size=batch_size, collate_fn=ProcessBatch(processor),
     )
     matrix = ConfusionMatrix(model.config.num_labels, ignore_index_of(model))
     quicklooks = []
     show = accelerator is None or accelerator.is_local_main_process
+    seen = 0
     for batch in tqdm(loader, desc=desc, leave=False, disable=not show):
-        predictions = predict(model, batch, device).cpu()
-        matrix.update(predictions, batch["labels"])
+        counted = max(0, min(len(batch["labels"]), len(share) - seen))
+        seen += len(batch["labels"])
+        predictions = predict(model, batch, device).cpu()[:counted]
+        matrix.update(predictions, batch["labels"][:counted])
         for index in range(len(predictions)):
             if len(quicklooks) < num_quicklooks:
                 quicklooks.append({"sample_id": batch["sample_id"][index], "pixel_values": batch["pixel_values"][index],
@@ -575,8 +583,9 @@ def main(argv: list[str] | None = None) -> dict:
     output_dir = Path(training["output_dir"])
     accelerator = Accelerator(
         mixed_precision=training["mixed_precision"],
+        gradient_accumulation_steps=int(training["gradient_accumulation_steps"]),
         log_with=make_trackers(output_dir / "logs"),
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(training["find_unused_parameters"]))],
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING,
@@ -622,7 +631,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     state = {"step": 0, "best_metric": None, "best_step": None, "best_epoch": None, "history": []}
     if training["resume"]:
-        state.update(checkpoints.load(training["resume"]))
+        state.update(checkpoints.load(training["resume"], model, optimizer))
     start_step = int(state["step"])
     plan = EpochBatchPlan(len(subset), batch_size, world_size, rank, seed, start=start_step * accumulation)
     loader = torch.utils.data.DataLoader(
@@ -684,7 +693,8 @@ def main(argv: list[str] | None = None) -> dict:
             if improved:
                 state.update(best_metric=record.get(training["metric_for_best"]), best_step=step, best_epoch=epoch)
                 accelerator.unwrap_model(model).save_pretrained(
-                    best_dir, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+                    best_dir, state_dict=full_state_dict(accelerator, model),
+                    is_main_process=accelerator.is_main_process, save_function=accelerator.save)
             accelerator.wait_for_everyone()
             checkpoints.save(step, {**state, "world_size": world_size, "effective_batch_size": effective_batch})
         elif step == stop_at:
@@ -718,7 +728,7 @@ def finish(accelerator, model, settings, state, splits, eval_processor, class_na
     if best_weights.is_file():
         from safetensors.torch import load_file
 
-        unwrapped.load_state_dict(load_file(str(best_weights)), strict=True)
+        load_full_state_dict(accelerator, model, load_file(str(best_weights)))
     results = {
         "task": task,
         "dataset": {"source": data["source"], "name": data["name"], "path": data["path"],
@@ -743,7 +753,8 @@ def finish(accelerator, model, settings, state, splits, eval_processor, class_na
                          if isinstance(value, float)}, step=run["steps"])
         logger.info("test (best model, step %s): %s", state["best_step"], _headline(results["test"], task))
     folder = output_dir / "model"
-    unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    unwrapped.save_pretrained(folder, state_dict=full_state_dict(accelerator, model),
+                              is_main_process=accelerator.is_main_process, save_function=accelerator.save)
     if accelerator.is_main_process:
         (output_dir / "results.json").write_text(json.dumps(results, indent=2))
         eval_processor.save_pretrained(folder)

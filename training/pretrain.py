@@ -10,20 +10,19 @@ overrides (`--key value` when only one section has the key, e.g. `--max_steps 10
 
 Writes under `training.output_dir`: `checkpoints/step_<N>` (`accelerator.save_state`, every `save_steps`, the
 newest `save_total_limit` kept), `logs/metrics.jsonl` (loss, lr, samples/s per step; TensorBoard too when
-installed), `loss_curve.png`, `run_summary.json` (final loss, per-rank parameter digests) and `model/` (the final
+installed), `loss_curve.png`, `run_summary.json` (final loss, parameter digests) and `model/` (the final
 `save_pretrained` folder: config, safetensors, image-processor config, model card).
 
 `--resume latest` (or a checkpoint folder) continues exactly where the run stopped, mid-epoch included: the data
-order, the frame draws and the masks are functions of (seed, step, rank), and the checkpoint restores model,
-optimizer and RNG states. `training.stop_at_step` ends a run after that step with a checkpoint, keeping the
+order, the frame draws and the masks are functions of (seed, step, sample slot), and the checkpoint restores model,
+optimizer and RNG states. The same holds across process counts when the per-device batch and the effective batch
+stay the same (save on 2 processes, resume on 1 with `gradient_accumulation_steps` doubled, and the reverse). `training.stop_at_step` ends a run after that step with a checkpoint, keeping the
 schedule of `max_steps` (for time-limited jobs that resume later).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -34,29 +33,33 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     CheckpointError,
-    CheckpointManager,
-    JsonlTracker,
     derive_seed,
     flatten_settings,
+    full_state_dict,
+    is_sharded,
     load_yaml,
     make_trackers,
     merge_config,
+    open_checkpoints,
+    optimizer_step,
     parse_cli_overrides,
     plot_loss_curve,
     push_folder_to_hub,
     scaled_learning_rate,
     set_learning_rate,
+    state_digest,
+    truncate_logs_after,
     warmup_cosine_lr,
     weight_decay_param_groups,
 )
-from pretrain_data import build_batches, make_processor, open_source  # noqa: E402
+from pretrain_data import build_batches, load_data_state, make_processor, open_source, save_data_state  # noqa: E402
 
 from timo_hf import TiMoConfig, TiMoForMaskedImageModeling  # noqa: E402
 
@@ -83,7 +86,8 @@ DEFAULTS = {
         "processor": None,  # a saved TiMoImageProcessor (folder or Hub id); else built from `normalization`
         "normalization": "auto",  # "auto" (stats of the first samples) | processor preset | {mean, std} | "none"
         "normalization_samples": 64,
-        "shuffle_buffer": 256,  # streaming only
+        "shuffle_buffer": 256,  # streaming only: examples shuffled together (a seeded block shuffle)
+        "stream_resume": "exact",  # streaming: "exact" (re-read one block) | "fast" (skip the rest of the block)
         "num_workers": 0,
     },
     "training": {
@@ -130,15 +134,6 @@ def build_model(model_settings: dict) -> TiMoForMaskedImageModeling:
     else:
         config = TiMoConfig(**overrides)
     return TiMoForMaskedImageModeling(config)
-
-
-def parameter_digest(model: torch.nn.Module) -> str:
-    """SHA-256 of every parameter's bytes, in name order (equal digests = bit-identical weights)."""
-    digest = hashlib.sha256()
-    for name, parameter in sorted(model.named_parameters()):
-        digest.update(name.encode())
-        digest.update(parameter.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def write_model_card(folder: Path, settings: dict, summary: dict, config: TiMoConfig) -> None:
@@ -196,20 +191,18 @@ def main(argv: list[str] | None = None) -> dict:
     settings = parse_args(argv)
     training, data = settings["training"], settings["data"]
     output_dir = Path(training["output_dir"])
+    batch_size = int(training["per_device_batch_size"])
+    accumulation = int(training["gradient_accumulation_steps"])
     accelerator = Accelerator(
         mixed_precision=training["mixed_precision"],
+        gradient_accumulation_steps=accumulation,
         log_with=make_trackers(output_dir / "logs"),
-        project_dir=str(output_dir),
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "logs")),
     )
     logging.basicConfig(level=logging.INFO if accelerator.is_main_process else logging.WARNING)
     seed = int(training["seed"])
     set_seed(seed)
-    checkpoints = CheckpointManager(accelerator, output_dir / "checkpoints", training["save_total_limit"])
-    if checkpoints.checkpoints() and not training["resume"] and not training["overwrite_output_dir"]:
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
-            "--overwrite_output_dir true / another --output_dir to start over."
-        )
+    checkpoints = open_checkpoints(accelerator, output_dir, training)
     if training["overwrite_output_dir"] and not training["resume"] and accelerator.is_main_process:
         shutil.rmtree(checkpoints.directory, ignore_errors=True)  # asked for: the old run's checkpoints go
     accelerator.wait_for_everyone()
@@ -222,8 +215,6 @@ def main(argv: list[str] | None = None) -> dict:
     source = open_source(data)
     processor = make_processor(data, source)
 
-    batch_size = int(training["per_device_batch_size"])
-    accumulation = int(training["gradient_accumulation_steps"])
     world_size, rank = accelerator.num_processes, accelerator.process_index
     effective_batch = batch_size * accumulation * world_size
     peak_lr = training["lr"] or scaled_learning_rate(training["base_lr"], effective_batch)
@@ -235,18 +226,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     start_step = 0
     if training["resume"]:
-        state = checkpoints.load(training["resume"])
+        state = checkpoints.load(training["resume"], model, optimizer)
         start_step = int(state["step"])
-        if state.get("effective_batch_size") != effective_batch or state.get("world_size") != world_size:
+        saved_layout = (state.get("effective_batch_size"), state.get("per_device_batch_size"))
+        if saved_layout != (effective_batch, batch_size):
             logger.warning(
-                "Resuming with another batch layout (%s x %s processes) than the checkpoint's; the data order "
-                "continues from the same sample count but is no longer that of an uninterrupted run.",
-                effective_batch, world_size,
+                "Resuming with batch %d of %d per process, the checkpoint had %s of %s: the data order continues "
+                "from the same sample count but is no longer that of an uninterrupted run (keep both equal, e.g. "
+                "double gradient_accumulation_steps when halving the processes).",
+                effective_batch, batch_size, *saved_layout,
             )
 
     batches, micro_batches_per_epoch = build_batches(
         data, processor, source, batch_size, world_size, rank, seed, start_micro_batch=start_step * accumulation
     )
+    if training["resume"]:  # streams continue from the position each rank saved (map-style data: from the step)
+        load_data_state(batches, checkpoints.resolve(training["resume"]))
     max_steps = training["max_steps"]
     if max_steps is None:
         if training["num_epochs"] is None or micro_batches_per_epoch is None:
@@ -259,10 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     stop_at = min(int(training["stop_at_step"] or max_steps), max_steps)
 
     accelerator.init_trackers("timo_pretrain", config={k: str(v) for k, v in flatten_settings(settings).items()})
-    if accelerator.is_main_process:  # a fresh run starts an empty log; a resumed one drops steps after its checkpoint
-        for tracker in accelerator.trackers:
-            if isinstance(tracker, JsonlTracker):
-                tracker.truncate_after(start_step)
+    truncate_logs_after(accelerator, start_step)
     logger.info(
         "TiMo MIM pre-training: %d parameters, %d processes x %d x %d accumulation = batch %d, lr %.3g, steps %d..%d",
         sum(p.numel() for p in model.parameters()), world_size, batch_size, accumulation, effective_batch, peak_lr,
@@ -270,6 +262,23 @@ def main(argv: list[str] | None = None) -> dict:
     )
 
     unit = config.mask_unit_size
+
+    def masked_image_loss(micro: int) -> torch.Tensor:
+        pixel_values = next(batches).to(accelerator.device)
+        if pixel_values.shape[2] != config.num_channels:
+            raise ValueError(
+                f"The data has {pixel_values.shape[2]} bands after the image processor but the model expects "
+                f"config.num_channels = {config.num_channels}; set model.config.num_channels."
+            )
+        frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
+        # The mask depends on the micro-batch's slot in the global step (micro * world + rank), which holds the
+        # same samples for any process count at the same per-device batch: a resume on another world size
+        # with matching accumulation sees the same masks.
+        slot = micro * world_size + rank
+        generator = torch.Generator().manual_seed(derive_seed(seed, step, slot))
+        noise = torch.rand(pixel_values.shape[0], frames * (height // unit) * (width // unit), generator=generator)
+        return model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
+
     progress = tqdm(
         total=max_steps, initial=start_step, disable=not accelerator.is_local_main_process, desc="pretrain"
     )
@@ -279,32 +288,10 @@ def main(argv: list[str] | None = None) -> dict:
         started = time.perf_counter()
         learning_rate = warmup_cosine_lr(step, peak_lr, max_steps, warmup_steps, training["min_lr"])
         set_learning_rate(optimizer, learning_rate)
-        losses = []
-        for micro in range(accumulation):
-            pixel_values = next(batches).to(accelerator.device)
-            if pixel_values.shape[2] != config.num_channels:
-                raise ValueError(
-                    f"The data has {pixel_values.shape[2]} bands after the image processor but the model expects "
-                    f"config.num_channels = {config.num_channels}; set model.config.num_channels."
-                )
-            frames, height, width = pixel_values.shape[1], pixel_values.shape[-2], pixel_values.shape[-1]
-            generator = torch.Generator().manual_seed(derive_seed(seed, step, micro, rank))
-            noise = torch.rand(pixel_values.shape[0], frames * (height // unit) * (width // unit), generator=generator)
-            sync = contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model)
-            with sync, accelerator.autocast():
-                loss = model(pixel_values=pixel_values, noise=noise.to(accelerator.device)).loss
-                accelerator.backward(loss / accumulation)
-            losses.append(loss.detach().float())
-        grad_norm = None
-        if training["max_grad_norm"]:
-            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training["max_grad_norm"]))
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        last_loss, grad_norm = optimizer_step(
+            accelerator, model, optimizer, masked_image_loss, accumulation, training["max_grad_norm"], step
+        )
         step += 1
-
-        last_loss = float(accelerator.reduce(torch.stack(losses).mean(), reduction="mean"))
-        if not math.isfinite(last_loss):
-            raise FloatingPointError(f"Loss became {last_loss} at step {step}; lower the learning rate or check data.")
         samples_per_second = effective_batch / (time.perf_counter() - started)
         if step % int(training["logging_steps"]) == 0 or step == stop_at:
             values = {"loss": last_loss, "lr": learning_rate, "samples_per_second": samples_per_second}
@@ -317,7 +304,9 @@ def main(argv: list[str] | None = None) -> dict:
         progress.update(1)
         if step % int(training["save_steps"]) == 0 or step == stop_at:
             checkpoints.save(
-                step, {"world_size": world_size, "effective_batch_size": effective_batch, "max_steps": max_steps}
+                step, {"world_size": world_size, "effective_batch_size": effective_batch,
+                       "per_device_batch_size": batch_size, "max_steps": max_steps},
+                write_rank_files=lambda folder: save_data_state(batches, folder, rank),
             )
     progress.close()
 
@@ -327,23 +316,40 @@ def main(argv: list[str] | None = None) -> dict:
         "world_size": world_size,
         "effective_batch_size": effective_batch,
         "peak_lr": peak_lr,
-        "rank_parameter_digests": gather_object([parameter_digest(accelerator.unwrap_model(model))]),
         "finished": step >= max_steps,
     }
+    final_state = full_state_dict(accelerator, model)  # collective: every process takes part
+    summary.update(weight_digests(accelerator, model, final_state))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (output_dir / "run_summary.json").write_text(json.dumps(summary, indent=2))
         plot_loss_curve(output_dir / "logs" / "metrics.jsonl", output_dir / "loss_curve.png")
     if step >= max_steps:
-        save_final_folder(accelerator, model, processor, settings, summary, output_dir)
+        save_final_folder(accelerator, model, final_state, processor, settings, summary, output_dir)
     accelerator.end_training()
     return summary
 
 
-def save_final_folder(accelerator, model, processor, settings: dict, summary: dict, output_dir: Path) -> None:
+def weight_digests(accelerator, model, final_state: dict) -> dict:
+    """`parameter_digest`: the final parameters (main process); `rank_parameter_digests`: those each process holds,
+    which must be equal when every process keeps a replica (None when the processes hold shards)."""
+    names = {name for name, _ in accelerator.unwrap_model(model).named_parameters()}
+    main = state_digest({k: v for k, v in final_state.items() if k in names}) if accelerator.is_main_process else None
+    local = None
+    if not is_sharded(accelerator):
+        local = state_digest(dict(accelerator.unwrap_model(model).named_parameters()))
+    ranks = gather_object([local])
+    return {"parameter_digest": main, "rank_parameter_digests": None if local is None else ranks}
+
+
+def save_final_folder(
+    accelerator, model, final_state: dict, processor, settings: dict, summary: dict, output_dir: Path
+) -> None:
     folder = output_dir / "model"
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.save_pretrained(folder, is_main_process=accelerator.is_main_process, save_function=accelerator.save)
+    unwrapped.save_pretrained(
+        folder, state_dict=final_state, is_main_process=accelerator.is_main_process, save_function=accelerator.save
+    )
     if accelerator.is_main_process:
         processor.save_pretrained(folder)
         write_model_card(folder, settings, summary, unwrapped.config)

@@ -19,19 +19,27 @@ per-band normalisation, optional resize to `image_size`); it is saved with the f
 Determinism (for exact resume and identical ranks): map-style sources are read in a per-epoch permutation drawn from
 the run seed and split across ranks by position, and every random choice for a sample (its frames) comes from a
 seed derived from (run seed, epoch, sample index), never from a global RNG. Streaming sources are split with
-`datasets.distributed.split_dataset_by_node`, shuffled with a seeded buffer, and replayed up to the resume point.
+`datasets.distributed.split_dataset_by_node`, shuffled in seeded blocks of `shuffle_buffer` examples, and resumed
+from the per-rank stream position saved in the checkpoint (`StreamingBatches`, `save_data_state`/`load_data_state`).
 """
 
 from __future__ import annotations
 
+import copy
+import json
+import logging
 import os
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from common import derive_seed
+
+
+logger = logging.getLogger("timo_hf.pretrain")
 
 
 # ----------------------------------------------------------------------------------------------- sources
@@ -212,30 +220,295 @@ class EpochBatchPlan(torch.utils.data.Sampler):
             micro += 1
 
 
-class StreamingSeries(torch.utils.data.IterableDataset):
-    """A rank's share of a streamed source (already `split_dataset_by_node`), shuffled with a seeded buffer, epoch
-    after epoch; the first `skip` samples (those consumed before a resume) are replayed without being decoded."""
+STREAM_RESUME_MODES = ("exact", "fast")
+DATA_STATE_FILE = "data_state_rank{rank}.json"
 
-    def __init__(self, stream, transform: SeriesTransform, seed: int, rank: int, shuffle_buffer: int, skip: int = 0):
-        self.stream, self.transform = stream, transform
-        self.seed, self.rank, self.shuffle_buffer, self.skip = seed, rank, shuffle_buffer, skip
 
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        count, epoch = 0, 0
-        while True:
-            stream = self.stream
-            if self.shuffle_buffer:
-                stream = stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
-            stream.set_epoch(epoch)
-            seen = False
-            for example in stream:
-                seen = True
-                if count >= self.skip:
-                    yield self.transform(example, derive_seed(self.seed, self.rank, count))
-                count += 1
-            if not seen:
+class StreamingBatches:
+    """One rank's endless micro-batches `[b, k, C, H, W]` from a streamed `datasets.IterableDataset`, with a
+    checkpointable position (`state_dict()` / `load_state_dict()`).
+
+    Reading. Epoch `e` iterates `split_dataset_by_node(source, rank, world_size)` (shards split across ranks when
+    their count is a multiple of the world size, otherwise every rank reads all and keeps 1 example in
+    `world_size`: ranks never share a sample within an epoch) after `set_epoch(key)` with a key drawn from
+    (run seed, e), so datasets shuffles the shard order differently in every epoch and run seed (with
+    `shuffle_buffer: 0`, key = e: file order in epoch 0, datasets' own shard reshuffle afterwards).
+
+    Shuffling is a *block* shuffle (not datasets' rolling `shuffle(buffer_size)`): the rank's stream is cut into
+    blocks of `shuffle_buffer` consecutive examples (the first block of each epoch has a random length in
+    `[1, shuffle_buffer]`, so blocks differ between epochs even with a single shard) and each block is yielded in
+    the permutation `default_rng(derive_seed(seed, rank, epoch, block))`. It holds as many examples in memory as
+    the rolling buffer of the same size and mixes over the same distance, but its position is exactly
+    restorable: datasets' `state_dict()` of the rank's stream is recorded at every block boundary. (datasets 5.2's
+    own `shuffle(buffer_size)` is not: its `state_dict()` holds the source position only, so a resume loses the
+    buffered examples (up to `buffer_size`, read but never yielded in that epoch) and restarts the buffer RNG.)
+
+    Sample `n` of the rank (counted over epochs) draws its frames with `derive_seed(seed, rank, n)`.
+
+    State (`state_dict()`, a small JSON-able dict): epoch, `samples_consumed`, block index and offset, and
+    datasets' `state_dict()` of the rank stream at the start (`block_start`) and end (`block_end`) of the current
+    block. It covers exactly the micro-batches returned by `next()` so far (no read-ahead beyond the block in
+    memory, no DataLoader prefetch: batches are assembled here, `num_workers` is not used for streams).
+
+    Resume modes (`data.stream_resume`, applied by `load_state_dict`):
+
+    - `"exact"` (default): restore `block_start`, re-read the current block (at most `shuffle_buffer` examples,
+      i.e. one buffer fill, about the cost of starting a run) and skip its already consumed part: the micro-batches
+      that follow are bit-identical to those of an uninterrupted run.
+    - `"fast"`: restore `block_end` and read nothing again. Lost: the current block's unconsumed examples (at most
+      `shuffle_buffer - 1`; never seen in this epoch, they come back in the next one). Guarantee: the sample
+      sequence that follows is the uninterrupted run's sequence with those examples removed, each later sample
+      drawing the same frames (its sample number is advanced past the skipped ones); no sample repeats within
+      the epoch. Batch boundaries shift, so the batches themselves differ.
+
+    When resuming at a block boundary (offset 0) both modes are identical and read nothing again.
+    """
+
+    def __init__(self, source, transform: SeriesTransform, *, batch_size: int, world_size: int, rank: int,
+                 seed: int, shuffle_buffer: int, resume_mode: str = "exact", skip: int = 0):
+        if resume_mode not in STREAM_RESUME_MODES:
+            raise ValueError(f"data.stream_resume must be one of {STREAM_RESUME_MODES}, got {resume_mode!r}.")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
+        self.source, self.transform = source, transform
+        self.batch_size, self.world_size, self.rank, self.seed = int(batch_size), int(world_size), int(rank), int(seed)
+        self.shuffle_buffer, self.resume_mode = max(0, int(shuffle_buffer)), resume_mode
+        self.block_capacity = max(1, self.shuffle_buffer)
+        self.num_shards = int(getattr(source, "num_shards", 1))
+        self.last_sample_ids: list = []  # sample_id of each series of the last batch (None where absent)
+        # position: everything below is what state_dict() saves
+        self.epoch, self.count, self.block_index, self.block_offset = 0, 0, 0, 0
+        self.block_start: dict | None = None  # datasets state of the rank stream before the current block
+        self.block_end: dict | None = None  # ... after it (None while no block is in memory)
+        # live reading state (not saved)
+        self._block: list | None = None
+        self._stream = None
+        self._reader = None
+        self._pending_offset = 0  # exact resume: examples of the re-read block to skip
+        self._started = False
+        self._skip = int(skip)  # legacy resume without a saved state: replay this many samples
+
+    # ------------------------------------------------------------------ reading
+    def _epoch_key(self, epoch: int) -> int:
+        if not self.shuffle_buffer:
+            return epoch
+        return 1 + derive_seed(self.seed, epoch, 0x5EED) % (2**31 - 2)
+
+    def _block_length(self, epoch: int, block: int) -> int:
+        if block == 0 and self.block_capacity > 1:
+            return 1 + derive_seed(self.seed, self.rank, epoch, 0xB10C) % self.block_capacity
+        return self.block_capacity
+
+    def _open_epoch(self) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        stream = split_dataset_by_node(self.source, rank=self.rank, world_size=self.world_size)  # a fresh object
+        stream.set_epoch(self._epoch_key(self.epoch))
+        if self.block_start is not None:
+            stream.load_state_dict(self.block_start)
+        self._stream, self._reader = stream, iter(stream)
+
+    def _fill_block(self) -> bool:
+        """Read the next block into memory; False at the end of the epoch."""
+        if self._reader is None:
+            self._open_epoch()
+        items = list(islice(self._reader, self._block_length(self.epoch, self.block_index)))
+        if not items:
+            return False
+        self.block_end = self._stream.state_dict()
+        if self.shuffle_buffer > 1:
+            order = np.random.default_rng(derive_seed(self.seed, self.rank, self.epoch, self.block_index))
+            items = [items[i] for i in order.permutation(len(items))]
+        self._block, self.block_offset = items, self._pending_offset
+        self._pending_offset = 0
+        if self.block_offset > len(items):
+            raise RuntimeError(
+                f"Rank {self.rank}: the saved data position (offset {self.block_offset} in block {self.block_index} "
+                f"of epoch {self.epoch}) does not fit the re-read block of {len(items)} examples; the data changed."
+            )
+        return True
+
+    def _next_block(self) -> None:
+        self.block_index, self.block_offset, self._block = self.block_index + 1, 0, None
+        self.block_start, self.block_end = self.block_end, None
+
+    def _next_example(self) -> dict:
+        while self._block is None or self.block_offset >= len(self._block):
+            if self._block is not None:  # an exactly re-read, already consumed block
+                self._next_block()
+                continue
+            if self._fill_block():
+                continue
+            if self.block_index == 0:
                 raise ValueError(f"Rank {self.rank} received no examples from the streamed dataset.")
-            epoch += 1
+            self.epoch, self.block_index, self.block_offset = self.epoch + 1, 0, 0
+            self.block_start = self.block_end = None
+            self._stream = self._reader = None
+        example = self._block[self.block_offset]
+        self._block[self.block_offset] = None  # free it
+        self.block_offset += 1
+        self.count += 1
+        if self.block_offset == len(self._block):  # block done: the state is the next block's start
+            self._next_block()
+        return example
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if not self._started:
+            self._started = True
+            if self._skip:
+                logger.warning(
+                    "Rank %d: no saved data position; replaying the first %d streamed samples to find it (each is "
+                    "read and decoded again).", self.rank, self._skip,
+                )
+                for _ in range(self._skip):
+                    self._next_example()
+        series, ids = [], []
+        for _ in range(self.batch_size):
+            number = self.count
+            example = self._next_example()
+            ids.append(example.get("sample_id"))
+            series.append(self.transform(example, derive_seed(self.seed, self.rank, number)))
+        self.last_sample_ids = ids
+        return stack_series(series)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """The position after the micro-batches returned so far (JSON-serialisable)."""
+        return {
+            "version": 1,
+            "kind": "stream",
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "seed": self.seed,
+            "shuffle_buffer": self.shuffle_buffer,
+            "num_shards": self.num_shards,
+            "epoch": self.epoch,
+            "samples_consumed": self.count,
+            "block_index": self.block_index,
+            "block_offset": self.block_offset,
+            "block_length": len(self._block) if self._block is not None else None,
+            "block_start": copy.deepcopy(self.block_start),
+            "block_end": copy.deepcopy(self.block_end) if self._block is not None else None,
+        }
+
+    def load_state_dict(self, state: dict, mode: str | None = None) -> None:
+        """Continue from `state` (this rank's `state_dict()` of the same layout), in `mode` (default: the
+        configured `data.stream_resume`). Call before the first `next()`.
+
+        Raises ValueError for another rank's or another world size's state (use `resume_from_states`, which
+        applies the documented fallback), or for another seed / shard count (a different data order).
+        """
+        mode = mode or self.resume_mode
+        if mode not in STREAM_RESUME_MODES:
+            raise ValueError(f"data.stream_resume must be one of {STREAM_RESUME_MODES}, got {mode!r}.")
+        if self._started:
+            raise RuntimeError("load_state_dict must be called before the first batch is read.")
+        if state.get("kind") != "stream" or state.get("version") != 1:
+            raise ValueError(f"Not a stream data state (version 1): {sorted(state)}.")
+        for key in ("rank", "world_size", "seed", "num_shards"):
+            if state[key] != getattr(self, key):
+                raise ValueError(
+                    f"The saved data state has {key} = {state[key]} but this run has {getattr(self, key)}; its "
+                    "position does not apply here (see StreamingBatches.resume_from_states for the fallback)."
+                )
+        if state["shuffle_buffer"] != self.shuffle_buffer and mode == "exact" and state["block_offset"]:
+            logger.warning(
+                "Rank %d: data.shuffle_buffer changed (%s -> %s): the saved shuffle block cannot be rebuilt; resuming "
+                "in 'fast' mode (the rest of the current block is skipped for this epoch).",
+                self.rank, state["shuffle_buffer"], self.shuffle_buffer,
+            )
+            mode = "fast"
+        self.epoch, self.count = int(state["epoch"]), int(state["samples_consumed"])
+        self.block_index, self.block_offset = int(state["block_index"]), 0
+        self.block_start, self.block_end = copy.deepcopy(state["block_start"]), None
+        self._block = self._stream = self._reader = None
+        self._skip, self._pending_offset = 0, 0
+        offset = int(state["block_offset"])
+        if offset and mode == "exact":
+            self._pending_offset = offset
+        elif offset:  # fast: jump to the end of the current block
+            self.count += int(state["block_length"]) - offset
+            self.block_index += 1
+            self.block_start = copy.deepcopy(state["block_end"])
+
+    def resume_from_states(self, states: dict[int, dict], mode: str | None = None) -> str:
+        """Resume from the per-rank states of a checkpoint (`{saved_rank: state}`, all ranks it saved).
+
+        Same world size (and seed, shard count): this rank's own state is loaded (`load_state_dict`); returns
+        `"resumed"`. Otherwise the per-rank positions do not map onto the new ranks, and no rank may take another's
+        state: with a warning, every rank starts the *next* epoch (the largest saved epoch + 1) from its beginning,
+        with sample numbers continuing after the largest saved one (no frame seed is reused). The examples of the
+        interrupted epoch that no rank had consumed yet are skipped for that epoch; nothing is repeated.
+        Returns `"next_epoch"`. No states (a checkpoint written before data states existed): the legacy replay of
+        `start_micro_batch * batch_size` samples given to `build_batches` is kept; returns `"replay"`.
+        """
+        if not states:
+            if self._skip:
+                logger.warning("The checkpoint holds no data state; falling back to replaying %d samples.", self._skip)
+            return "replay"
+        saved_world = {int(s["world_size"]) for s in states.values()}
+        usable = (
+            saved_world == {self.world_size}
+            and set(states) == set(range(self.world_size))
+            and states[self.rank].get("seed") == self.seed
+            and states[self.rank].get("num_shards") == self.num_shards
+        )
+        if usable:
+            self.load_state_dict(states[self.rank], mode)
+            return "resumed"
+        first = next(iter(states.values()))
+        logger.warning(
+            "Rank %d: the checkpoint's data position was saved by %s (world size %s, seed %s, %s shards; this run: "
+            "rank of %d processes, seed %d, %d shards); per-rank stream states do not carry over. Starting the next "
+            "epoch from its beginning on every rank; unread examples of the interrupted epoch are skipped.",
+            self.rank, f"ranks {sorted(states)}", sorted(saved_world), first.get("seed"), first.get("num_shards"),
+            self.world_size, self.seed, self.num_shards,
+        )
+        if self._started:
+            raise RuntimeError("resume_from_states must be called before the first batch is read.")
+        self.epoch = max(int(s["epoch"]) for s in states.values()) + 1
+        self.count = max(int(s["samples_consumed"]) for s in states.values())
+        self.block_index = self.block_offset = 0
+        self.block_start = self.block_end = None
+        self._block = self._stream = self._reader = None
+        self._skip = self._pending_offset = 0
+        return "next_epoch"
+
+
+def save_data_state(batches, folder: str | os.PathLike, rank: int) -> Path | None:
+    """Write this rank's data position into a checkpoint folder (`data_state_rank{rank}.json`); None (nothing
+    written) for map-style data, whose position is the step count."""
+    if not hasattr(batches, "state_dict"):
+        return None
+    path = Path(folder) / DATA_STATE_FILE.format(rank=rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(batches.state_dict(), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def read_data_states(folder: str | os.PathLike) -> dict[int, dict]:
+    """All per-rank data states of a checkpoint folder, `{rank: state}` (empty if it has none)."""
+    states = {}
+    for path in sorted(Path(folder).glob("data_state_rank*.json")):
+        try:
+            state = json.loads(path.read_text())
+            states[int(state["rank"])] = state
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"Checkpoint {folder}: cannot read the data state {path.name} ({err}).") from err
+    return states
+
+
+def load_data_state(batches, folder: str | os.PathLike, mode: str | None = None) -> str | None:
+    """Restore the data position of `batches` from a checkpoint folder before the first batch is read.
+    Returns what happened (`StreamingBatches.resume_from_states`), or None for map-style data."""
+    if not hasattr(batches, "resume_from_states"):
+        return None
+    return batches.resume_from_states(read_data_states(folder), mode)
 
 
 def build_batches(
@@ -249,7 +522,25 @@ def build_batches(
     start_micro_batch: int,
 ) -> tuple[Iterator[torch.Tensor], int | None]:
     """An endless iterator of this rank's micro-batches `[b, k, C, H, W]` from micro-batch `start_micro_batch` on,
-    and the number of micro-batches per epoch (None for streams)."""
+    and the number of micro-batches per epoch (None for streams).
+
+    Map-style data: a DataLoader over `EpochBatchPlan`; its position is a function of `start_micro_batch` alone.
+    Streamed data: a `StreamingBatches`, whose position is saved and restored with the checkpoint. Call sequence
+    (every rank; `folder` is the checkpoint folder being written / resumed from)::
+
+        batches, per_epoch = build_batches(..., start_micro_batch=start_step * accumulation)
+        if resuming:
+            load_data_state(batches, folder)  # before the first next(batches); no-op (None) for map-style
+        ...
+        # at a save, after the step's `accumulation` next(batches) calls, inside the staging folder that
+        # `accelerator.save_state` wrote (between its barriers), on every rank:
+        save_data_state(batches, staging_folder, rank)  # data_state_rank{rank}.json; no-op for map-style
+
+    `load_data_state` reads every `data_state_rank*.json` of the folder: same world size -> this rank's state is
+    loaded (`data.stream_resume`: "exact" or "fast", see `StreamingBatches`); another world size -> warning and
+    every rank starts the next epoch; no data state (older checkpoint) -> replay of `start_micro_batch * batch_size`
+    samples (slow). Streams ignore `data.num_workers` (no prefetch, so the state covers exactly the batches
+    returned)."""
     transform = SeriesTransform(data, processor)
     workers = int(data["num_workers"])
     if hasattr(source, "__len__") and hasattr(source, "__getitem__"):
@@ -259,21 +550,24 @@ def build_batches(
             persistent_workers=workers > 0,
         )
         return iter(loader), plan.per_epoch
-    from datasets.distributed import split_dataset_by_node
-
-    stream = split_dataset_by_node(source, rank=rank, world_size=world_size) if world_size > 1 else source
-    skip = start_micro_batch * batch_size
-    series = StreamingSeries(stream, transform, seed, rank, int(data["shuffle_buffer"]), skip)
-    loader = torch.utils.data.DataLoader(series, batch_size=batch_size, num_workers=0, collate_fn=stack_series)
-    return iter(loader), None
+    if workers:
+        logger.info("data.num_workers is not used for streamed data (batches are assembled in the training process).")
+    return StreamingBatches(
+        source, transform, batch_size=batch_size, world_size=world_size, rank=rank, seed=seed,
+        shuffle_buffer=int(data["shuffle_buffer"]), resume_mode=data.get("stream_resume") or "exact",
+        skip=start_micro_batch * batch_size,
+    ), None
 
 
 __all__ = [
     "EpochBatchPlan",
     "NpySeriesFolder",
     "SeriesTransform",
-    "StreamingSeries",
+    "StreamingBatches",
     "build_batches",
+    "load_data_state",
     "make_processor",
     "open_source",
+    "read_data_states",
+    "save_data_state",
 ]

@@ -406,9 +406,16 @@ class TiMoPreTrainedModel(PreTrainedModel):
         import) the folder gets the TiMo module files and an `auto_map` naming every Auto class those files provide
         (config, bare model, backbone, heads), not only the saved class, so that any Auto class loads the folder
         with `trust_remote_code=True` where timo_hf is not installed."""
-        if self.is_remote_code() and type(self).__module__ != "__main__":
-            self.config.auto_map = remote_code_auto_map(self)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        wrapped_class = type(self)
+        # FSDP2's fully_shard swaps in a generated subclass defined in torch; the folder must name (and ship) the
+        # TiMo class, so save as that class.
+        self.__class__ = next(cls for cls in wrapped_class.__mro__ if not cls.__module__.startswith("torch."))
+        try:
+            if self.is_remote_code() and type(self).__module__ != "__main__":
+                self.config.auto_map = remote_code_auto_map(self)
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = wrapped_class
 
 
 def _subclasses(cls: type):
@@ -472,6 +479,10 @@ class TiMoModel(TiMoPreTrainedModel):
         self.embeddings = TiMoEmbeddings(config)
         self.encoder = TiMoEncoder(config)
         self.post_init()
+
+    def get_input_embeddings(self) -> TiMoStemEmbeddings:
+        """The stem (the patch embedding), as for transformers' Swin and Hiera; FSDP wrappers ask for it."""
+        return self.embeddings.stem
 
     def compute_feature_maps(
         self, pixel_values: torch.Tensor, temporal_positions: torch.Tensor | None = None
