@@ -2,6 +2,7 @@
 
     python -m benchmarks.mim_step                          # TiMo-Base, [T=3, 3 x 224 x 224], this machine
     python -m benchmarks.mim_step --preset base --batch-size 4 --repeats 5 --output mim_step.json
+    python -m benchmarks.mim_step --repeats 5 --markdown benchmarks/MIM_STEP.md   # the committed results
 
 1. Ratio (batch 1): one `TiMoForMaskedImageModeling` forward + backward at mask ratio 0.75 (sparse all-MHSA
    encoder over the visible units, then the decoder) against one forward + backward of the same all-MHSA encoder
@@ -15,9 +16,12 @@
 """
 
 import argparse
+import datetime
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,6 +45,17 @@ def alternate_runs(functions: dict, repeats: int) -> dict:
     return times
 
 
+def write_markdown(path: str, lines: list[str], results: dict, argv) -> None:
+    """The printed results as a Markdown page with the command line and the machine."""
+    command = " ".join(["python -m benchmarks.mim_step", *(sys.argv[1:] if argv is None else argv)])
+    machine = "\n".join(f"- {key}: {value}" for key, value in results["machine"].items())
+    Path(path).write_text(
+        f"# Masked-image-modelling step vs full-image step\n\nWritten by `{command}` on "
+        f"{datetime.datetime.now().isoformat(timespec='seconds')}; every number comes from that run.\n\n"
+        f"## Machine\n\n{machine}\n\n## Results\n\n```\n" + "\n".join(lines) + "\n```\n"
+    )
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="base")
@@ -50,6 +65,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", default=None, help="also write the results as JSON to this path")
+    parser.add_argument("--markdown", default=None, help="also write the printed results as Markdown to this path")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
 
@@ -114,18 +130,23 @@ def main(argv=None) -> dict:
         "matmul_peak_gflops_per_s": peak["flops_per_s"] / 1e9,
         "fraction_of_matmul_peak": achieved / peak["flops_per_s"],
     }
-    print(f"TiMo-{args.preset} {list(shape)}, mask ratio {config.mask_ratio}, {torch.get_num_threads()} threads, "
-          f"load {results['load_average']}")
-    print("                                  best s  median s      GFLOP")
-    print(f"  MIM step (fwd+bwd):             {best['mim']:8.3f}  {medians['mim']:8.3f}  {flops_mim / 1e9:9.1f}")
-    print(f"  full-image all-MHSA (fwd+bwd):  {best['full']:8.3f}  {medians['full']:8.3f}  {flops_full / 1e9:9.1f}")
-    print(f"  ratio MIM / full:               {results['time_ratio_of_best']:8.3f}  "
-          f"{results['time_ratio_of_medians']:8.3f}  {results['flop_ratio']:9.3f}   "
-          f"(median of paired ratios {pair_ratio:.3f})")
-    print(f"  pre-training step, batch {args.batch_size}:    {step_seconds:8.3f} s  = "
-          f"{results['samples_per_s']:.3f} samples/s")
-    print(f"  achieved {results['achieved_gflops_per_s']:.1f} GFLOP/s of a measured matmul peak "
-          f"{results['matmul_peak_gflops_per_s']:.1f} GFLOP/s = {results['fraction_of_matmul_peak']:.1%}")
+    lines = [
+        f"TiMo-{args.preset} {list(shape)}, mask ratio {config.mask_ratio}, {torch.get_num_threads()} threads, "
+        f"load {results['load_average']}",
+        "                                  best s  median s      GFLOP",
+        f"  MIM step (fwd+bwd):             {best['mim']:8.3f}  {medians['mim']:8.3f}  {flops_mim / 1e9:9.1f}",
+        f"  full-image all-MHSA (fwd+bwd):  {best['full']:8.3f}  {medians['full']:8.3f}  {flops_full / 1e9:9.1f}",
+        f"  ratio MIM / full:               {results['time_ratio_of_best']:8.3f}  "
+        f"{results['time_ratio_of_medians']:8.3f}  {results['flop_ratio']:9.3f}   "
+        f"(median of paired ratios {pair_ratio:.3f})",
+        f"  pre-training step, batch {args.batch_size}:    {step_seconds:8.3f} s  = "
+        f"{results['samples_per_s']:.3f} samples/s",
+        f"  achieved {results['achieved_gflops_per_s']:.1f} GFLOP/s of a measured matmul peak "
+        f"{results['matmul_peak_gflops_per_s']:.1f} GFLOP/s = {results['fraction_of_matmul_peak']:.1%}",
+    ]
+    print("\n".join(lines))
+    if args.markdown:
+        write_markdown(args.markdown, lines, results, argv)
     if args.output:
         with open(args.output, "w") as handle:
             json.dump(results, handle, indent=2)
