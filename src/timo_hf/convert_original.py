@@ -89,18 +89,22 @@ def rename_backbone_key(key: str) -> str | None:
     return None
 
 
-def _rename_dropping_head(state_dict: dict, report: ConversionReport, rename, head_reason: str) -> dict:
-    """Rename every key with `rename`, dropping (and reporting) the official unused 1000-class `head`."""
-    converted = {}
+def _rename_all(state_dict: dict, report: ConversionReport, rename, converted: dict | None = None) -> dict:
+    """Add every tensor whose key `rename` maps (None: not handled here) to `converted`, recording the renaming."""
+    converted = {} if converted is None else converted
     for key, tensor in state_dict.items():
-        if _UNUSED_BACKBONE_HEAD.match(key):
-            report.dropped[key] = head_reason
-            continue
         new_key = rename(key)
         if new_key is not None:
             report.renamed[key] = new_key
             converted[new_key] = tensor
     return converted
+
+
+def _rename_dropping_head(state_dict: dict, report: ConversionReport, rename, head_reason: str) -> dict:
+    """Rename every key with `rename`, dropping (and reporting) the official unused 1000-class `head`."""
+    for key in filter(_UNUSED_BACKBONE_HEAD.match, state_dict):
+        report.dropped[key] = head_reason
+    return _rename_all(state_dict, report, lambda key: None if _UNUSED_BACKBONE_HEAD.match(key) else rename(key))
 
 
 def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
@@ -166,12 +170,7 @@ def rename_decoder_key(key: str) -> str | None:
 def _convert_segmentation(state_dict: dict, report: ConversionReport) -> dict:
     """Official `SemsegFramework`: `encoder.*` backbone, `decoder.*` UperNet, `semseghead.1.*` classifier."""
     converted = _convert_under_prefix(state_dict, report, "encoder.", "timo.")
-    for key, tensor in state_dict.items():
-        new_key = rename_decoder_key(key)
-        if new_key is not None:
-            report.renamed[key] = new_key
-            converted[new_key] = tensor
-    return converted
+    return _rename_all(state_dict, report, rename_decoder_key, converted)
 
 
 def _convert_classification(state_dict: dict, report: ConversionReport) -> dict:
