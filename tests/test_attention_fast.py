@@ -64,11 +64,26 @@ def test_median_gradient_is_torch_median_gradient(frames):
     assert torch.equal(actual, expected)
 
 
-def test_median_gradient_with_ties_keeps_its_sum():
+def test_median_gradient_with_ties_goes_to_the_first_tied_frame():
     tensor = torch.tensor([[1.0, 2.0, 2.0, 3.0, 2.0]]).requires_grad_()
     assert temporal_median_fast(tensor, 1).item() == 2.0
     (grad,) = torch.autograd.grad(temporal_median_fast(tensor, 1).sum(), tensor)
-    assert torch.allclose(grad, torch.tensor([[0.0, 1 / 3, 1 / 3, 0.0, 1 / 3]]))
+    assert torch.equal(grad, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("frames", [1, 3, 30])
+def test_median_gradient_compiled_is_eager(frames):
+    """Under torch.compile the gradient is routed by a fused comparison instead of a scatter: same result."""
+    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0))
+    tensor[:, :, -1] = tensor[:, :, 0]  # ties
+    grad = torch.randn(2, 3, 6, 4)
+
+    def median_gradient(median):
+        leaf = tensor.clone().requires_grad_()
+        return torch.autograd.grad(median(leaf), leaf, grad)[0]
+
+    expected = median_gradient(temporal_median_fast)
+    assert torch.equal(median_gradient(torch.compile(temporal_median_fast, fullgraph=True)), expected)
 
 
 # ---------------------------------------------------------------------------------------------------------------

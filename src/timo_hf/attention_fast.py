@@ -37,6 +37,8 @@ SMALL_FRAMES = 4
 KEEP_COPIES_ELEMENTS = 1 << 20
 # Above this many frames the temporal median falls back to `torch.median` (the sorting network grows as T log^2 T).
 MAX_NETWORK_FRAMES = 32
+# The portable spatial kernel works with base-2 logits `log2(e) q.k`: `exp2` costs about half of `exp` on CPU.
+LOG2_E = 1.4426950408889634
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -120,25 +122,34 @@ def median_values(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
 class _TemporalMedian(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, dim: int) -> torch.Tensor:
+        dim = dim % tensor.dim()
         median = median_values(tensor, dim)
-        ctx.save_for_backward(tensor, median)
-        ctx.dim = dim
+        # Frame of the median (the first one where frames tie), found with a few small element-wise ops: argmax over a
+        # non-last dimension is slow in eager mode. Kept as float32 (exact up to 2^24 frames): boolean and integer
+        # tensors are slow in compiled CPU code.
+        index = torch.zeros_like(median, dtype=torch.float32)
+        for frame in range(tensor.shape[dim] - 1, 0, -1):
+            index = torch.where(tensor.select(dim, frame) == median, frame, index)
+        ctx.save_for_backward(index)
+        ctx.dim, ctx.shape = dim, tensor.shape
         return median
 
     @staticmethod
     def backward(ctx, grad_median: torch.Tensor):
-        tensor, median = ctx.saved_tensors
-        # The gradient goes to the median element; frames holding exactly the same value share it equally.
-        hit = tensor == median.unsqueeze(ctx.dim)
-        share = grad_median.unsqueeze(ctx.dim) / hit.sum(ctx.dim, keepdim=True)
-        return torch.where(hit, share, 0.0), None
+        (index,) = ctx.saved_tensors
+        dim, index, grad_median = ctx.dim, index.unsqueeze(ctx.dim), grad_median.unsqueeze(ctx.dim)
+        if torch.compiler.is_compiling():  # a scatter is a slow serial loop in compiled CPU code; this fuses
+            frames = torch.arange(ctx.shape[dim], dtype=index.dtype, device=index.device)
+            frames = frames.view(-1, *([1] * (len(ctx.shape) - dim - 1)))
+            return torch.where(index == frames, grad_median, 0.0), None
+        return grad_median.new_zeros(ctx.shape).scatter_(dim, index.long(), grad_median), None
 
 
 def temporal_median_fast(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Same values as `attention_timo.temporal_median` (lower median over the frames), several times faster on CPU.
 
     The gradient reaches the median element, like `torch.median`'s; where several frames hold exactly the median
-    value (ties), it is split equally among them (`torch.median` gives it all to one of them; the sum is the same).
+    value (ties), it goes to the first of them.
     """
     return _TemporalMedian.apply(tensor, dim)
 
@@ -177,7 +188,7 @@ def spatial_attention_forward(
         return _CPU_FLASH(query, key, value, scale=1.0)
     stats = _statistics_dtype(query.dtype)
     lead, num_rows, num_keys = query.shape[:2], query.shape[2], key.shape[2]
-    rows = query.reshape(-1, num_rows, query.shape[-1]).to(stats)
+    rows = query.reshape(-1, num_rows, query.shape[-1]).to(stats) * LOG2_E
     keys_t = key.reshape(-1, num_keys, key.shape[-1]).to(stats).transpose(1, 2)
     values = value.reshape(-1, num_keys, value.shape[-1]).to(stats)
     block = _row_block(num_rows, num_keys)
@@ -187,10 +198,10 @@ def spatial_attention_forward(
         chunk = rows[:, start : start + block]
         weights = torch.bmm(chunk, keys_t, out=logits.view(chunk.shape[1]))
         peak = weights.amax(-1, keepdim=True)
-        weights = weights.sub_(peak).exp_()
+        weights = weights.sub_(peak).exp2_()
         total = weights.sum(-1, keepdim=True)
         outputs.append(torch.bmm(weights, values).div_(total))
-        lses.append(peak.squeeze(-1) + total.squeeze(-1).log())
+        lses.append(peak.squeeze(-1) / LOG2_E + total.squeeze(-1).log())
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
     return output.to(query.dtype).view(*lead, num_rows, -1), lse.view(*lead, num_rows)
@@ -230,16 +241,17 @@ def spatial_attention_backward(
         row_term = row_term.reshape(-1, num_rows, 1).to(stats)
     # One extra column folds the subtractions into the products: [q, -lse] . [k, 1] = q.k - lse and
     # [g, -row_term] . [v, 1] = g.v - row_term, saving two passes over every block of logits (worth the copies
-    # only where the logits outnumber the values).
+    # only where the logits outnumber the values). The weights are recomputed from base-2 logits (see LOG2_E).
     fold = num_keys > values.shape[-1]
     if fold:
         ones = keys.new_ones(keys.shape[0], num_keys, 1)
-        rows_lse = torch.cat([rows, -lse], dim=-1)
+        rows_lse = torch.cat([rows, -lse], dim=-1).mul_(LOG2_E)
         keys_t = torch.cat([keys, ones], dim=-1).transpose(1, 2)
         grads_row = torch.cat([grads, -row_term], dim=-1)
         values_t = torch.cat([values, ones], dim=-1).transpose(1, 2)
     else:
-        rows_lse, keys_t, grads_row, values_t = rows, keys.transpose(1, 2), grads, values.transpose(1, 2)
+        rows_lse, keys_t, grads_row, values_t = rows * LOG2_E, keys.transpose(1, 2), grads, values.transpose(1, 2)
+        lse = lse * LOG2_E
     grad_keys = grad_values = None
     grad_rows = []
     # Two blocks of logits are alive at once (weights and their gradient): together they stay within the forward's
@@ -252,7 +264,7 @@ def spatial_attention_backward(
         chunk, grad_chunk = rows[:, start:stop], grads[:, start:stop]
         size = chunk.shape[1]
         weights = torch.bmm(rows_lse[:, start:stop], keys_t, out=buffers.view(size))
-        weights = (weights if fold else weights.sub_(lse[:, start:stop])).exp_()
+        weights = (weights if fold else weights.sub_(lse[:, start:stop])).exp2_()
         if grad_values is None:
             grad_values = torch.bmm(weights.transpose(1, 2), grad_chunk)
         else:
@@ -294,10 +306,15 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
     the reference).
     """
     frames = query.shape[-2]
-    logits = torch.matmul(query, key.transpose(-1, -2))
-    logits = logits.masked_fill_(torch.eye(frames, dtype=torch.bool, device=query.device), float("-inf"))
-    lse = torch.logaddexp(spatial_lse, logits.logsumexp(-1))
-    return lse, (spatial_lse - lse).exp(), logits.sub_(lse.unsqueeze(-1)).exp_()
+    # The own frame is masked by adding -inf on the diagonal (a boolean mask is slow in compiled CPU code).
+    own_frame = torch.zeros(frames, frames, dtype=query.dtype, device=query.device).fill_diagonal_(float("-inf"))
+    logits = torch.matmul(query, key.transpose(-1, -2)).add_(own_frame)
+    # Fewer passes than `logsumexp` and then `exp(logits - lse)`: the weights `exp(logits - peak)` are rescaled. The
+    # peak is kept finite so that a query without temporal logits (T = 1) gets zero weights, not NaN.
+    peak = logits.amax(-1).clamp_min_(torch.finfo(logits.dtype).min)
+    weights = logits.sub_(peak.unsqueeze(-1)).exp_()
+    lse = torch.logaddexp(spatial_lse, weights.sum(-1).log_().add_(peak))
+    return lse, (spatial_lse - lse).exp(), weights.mul_((peak - lse).exp_().unsqueeze(-1))
 
 
 def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
@@ -477,9 +494,14 @@ def dstga_fast(
 
 def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
     """`dstga_fast` with its offset branch `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
-    query_median = temporal_median_fast(query)
+    # Eager with many frames: one median network for both, its many small ops cost more than the stack (compiled
+    # code fuses the networks anyway, and there the stack is a copy more).
+    if query.shape[2] > SMALL_FRAMES and not torch.compiler.is_compiling():
+        query_median, key_median = temporal_median_fast(torch.stack([query, key]), dim=3).unbind(0)
+    else:
+        query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
     offset = query_offset(query, query_median)
-    return _DSTGAFunction.apply(query, key, value, offset, query_median, temporal_median_fast(key))
+    return _DSTGAFunction.apply(query, key, value, offset, query_median, key_median)
 
 
 def dstga_reference_with_offset(query, key, value, query_offset) -> torch.Tensor:
