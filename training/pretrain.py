@@ -16,8 +16,9 @@ installed), `loss_curve.png`, `run_summary.json` (final loss, parameter digests)
 `--resume latest` (or a checkpoint folder) continues exactly where the run stopped, mid-epoch included: the data
 order, the frame draws and the masks are functions of (seed, step, sample slot), and the checkpoint restores model,
 optimizer and RNG states. The same holds across process counts when the per-device batch and the effective batch
-stay the same (save on 2 processes, resume on 1 with `gradient_accumulation_steps` doubled, and the reverse). `training.stop_at_step` ends a run after that step with a checkpoint, keeping the
-schedule of `max_steps` (for time-limited jobs that resume later).
+stay the same (save on 2 processes, resume on 1 with `gradient_accumulation_steps` doubled, and the reverse).
+`training.stop_at_step` ends a run after that step with a checkpoint, keeping the schedule of `max_steps` (for
+time-limited jobs that resume later).
 """
 
 from __future__ import annotations
