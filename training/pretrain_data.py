@@ -266,8 +266,7 @@ class StreamingBatches:
 
     def __init__(self, source, transform: SeriesTransform, *, batch_size: int, world_size: int, rank: int,
                  seed: int, shuffle_buffer: int, resume_mode: str = "exact", skip: int = 0):
-        if resume_mode not in STREAM_RESUME_MODES:
-            raise ValueError(f"data.stream_resume must be one of {STREAM_RESUME_MODES}, got {resume_mode!r}.")
+        _check_resume_mode(resume_mode)
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size}).")
         self.source, self.transform = source, transform
@@ -401,11 +400,7 @@ class StreamingBatches:
         Raises ValueError for another rank's or another world size's state (use `resume_from_states`, which
         applies the documented fallback), or for another seed / shard count (a different data order).
         """
-        mode = mode or self.resume_mode
-        if mode not in STREAM_RESUME_MODES:
-            raise ValueError(f"data.stream_resume must be one of {STREAM_RESUME_MODES}, got {mode!r}.")
-        if self._started:
-            raise RuntimeError("load_state_dict must be called before the first batch is read.")
+        mode = _check_resume_mode(mode or self.resume_mode)
         if state.get("kind") != "stream" or state.get("version") != 1:
             raise ValueError(f"Not a stream data state (version 1): {sorted(state)}.")
         for key in ("rank", "world_size", "seed", "num_shards"):
@@ -421,18 +416,14 @@ class StreamingBatches:
                 self.rank, state["shuffle_buffer"], self.shuffle_buffer,
             )
             mode = "fast"
-        self.epoch, self.count = int(state["epoch"]), int(state["samples_consumed"])
-        self.block_index, self.block_offset = int(state["block_index"]), 0
-        self.block_start, self.block_end = copy.deepcopy(state["block_start"]), None
-        self._block = self._stream = self._reader = None
-        self._skip, self._pending_offset = 0, 0
         offset = int(state["block_offset"])
-        if offset and mode == "exact":
-            self._pending_offset = offset
-        elif offset:  # fast: jump to the end of the current block
-            self.count += int(state["block_length"]) - offset
-            self.block_index += 1
-            self.block_start = copy.deepcopy(state["block_end"])
+        if offset and mode == "fast":  # jump to the end of the current block
+            skipped = int(state["block_length"]) - offset
+            self._seek(state["epoch"], state["samples_consumed"] + skipped, state["block_index"] + 1,
+                       state["block_end"])
+        else:
+            self._seek(state["epoch"], state["samples_consumed"], state["block_index"], state["block_start"])
+            self._pending_offset = offset  # exact: re-read the block and skip what was consumed
 
     def resume_from_states(self, states: dict[int, dict], mode: str | None = None) -> str:
         """Resume from the per-rank states of a checkpoint (`{saved_rank: state}`, all ranks it saved).
@@ -467,15 +458,25 @@ class StreamingBatches:
             self.rank, f"ranks {sorted(states)}", sorted(saved_world), first.get("seed"), first.get("num_shards"),
             self.world_size, self.seed, self.num_shards,
         )
+        self._seek(max(int(s["epoch"]) for s in states.values()) + 1,
+                   max(int(s["samples_consumed"]) for s in states.values()), 0, None)
+        return "next_epoch"
+
+    def _seek(self, epoch: int, count: int, block_index: int, block_start: dict | None) -> None:
+        """Continue at the beginning of block `block_index` of `epoch` (datasets' stream position `block_start`,
+        None at an epoch's start), the next sample being number `count`."""
         if self._started:
-            raise RuntimeError("resume_from_states must be called before the first batch is read.")
-        self.epoch = max(int(s["epoch"]) for s in states.values()) + 1
-        self.count = max(int(s["samples_consumed"]) for s in states.values())
-        self.block_index = self.block_offset = 0
-        self.block_start = self.block_end = None
+            raise RuntimeError("A data position must be restored before the first batch is read.")
+        self.epoch, self.count, self.block_index, self.block_offset = int(epoch), int(count), int(block_index), 0
+        self.block_start, self.block_end = copy.deepcopy(block_start), None
         self._block = self._stream = self._reader = None
         self._skip = self._pending_offset = 0
-        return "next_epoch"
+
+
+def _check_resume_mode(mode: str) -> str:
+    if mode not in STREAM_RESUME_MODES:
+        raise ValueError(f"data.stream_resume must be one of {STREAM_RESUME_MODES}, got {mode!r}.")
+    return mode
 
 
 def save_data_state(batches, folder: str | os.PathLike, rank: int) -> Path | None:
