@@ -84,6 +84,12 @@ def test_median_gradient_compiled_is_eager(frames):
 
     expected = median_gradient(temporal_median_fast)
     assert torch.equal(median_gradient(torch.compile(temporal_median_fast, fullgraph=True)), expected)
+    # Each median's gradient reaches one frame, the first of the tied ones.
+    frames_reached = (expected != 0).sum(dim=2)
+    assert torch.equal(frames_reached, torch.ones_like(frames_reached))
+    if frames > 1:
+        tied_at_first = tensor[:, :, 0] == tensor.median(dim=2).values
+        assert torch.equal(expected[:, :, 0][tied_at_first], grad[tied_at_first])
 
 
 # ---------------------------------------------------------------------------------------------------------------

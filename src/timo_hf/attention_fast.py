@@ -119,18 +119,30 @@ def median_values(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     return wires[(num_frames - 1) // 2]
 
 
+def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch.Tensor:
+    """Frame of the median along `dim` (the first one where frames tie), as float32 (exact up to 2^24 frames).
+
+    The largest of the matching frames' reversed numbers, not `argmax` (slow over a non-last dimension). A reduction
+    also keeps compiled code from recomputing the frame in backward (it would redo an element-wise chain once per
+    frame of the gradient). Eager code counts in bytes (a quarter of the memory traffic); compiled CPU code is
+    slow with integer tensors, so it counts in float32.
+    """
+    frames = tensor.shape[dim]
+    shape = (-1,) + (1,) * (tensor.dim() - dim - 1)
+    matching = tensor == median.unsqueeze(dim)
+    if torch.compiler.is_compiling() or frames > 255:
+        reversed_frames = torch.arange(frames, 0, -1, dtype=torch.float32, device=tensor.device).view(shape)
+        return frames - torch.where(matching, reversed_frames, 0.0).amax(dim)
+    reversed_frames = torch.arange(frames, 0, -1, dtype=torch.uint8, device=tensor.device).view(shape)
+    return frames - matching.to(torch.uint8).mul_(reversed_frames).amax(dim).float()
+
+
 class _TemporalMedian(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         dim = dim % tensor.dim()
         median = median_values(tensor, dim)
-        # Frame of the median (the first one where frames tie), found with a few small element-wise ops: argmax over a
-        # non-last dimension is slow in eager mode. Kept as float32 (exact up to 2^24 frames): boolean and integer
-        # tensors are slow in compiled CPU code.
-        index = torch.zeros_like(median, dtype=torch.float32)
-        for frame in range(tensor.shape[dim] - 1, 0, -1):
-            index = torch.where(tensor.select(dim, frame) == median, frame, index)
-        ctx.save_for_backward(index)
+        ctx.save_for_backward(_median_frame(tensor, median, dim))
         ctx.dim, ctx.shape = dim, tensor.shape
         return median
 
@@ -320,8 +332,15 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
 def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
     """`spatial_share * spatial_out + temporal_weights @ value(same token)` (token layout in) as `[B, h, T, N, d]`
     stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of it."""
-    output = torch.addcmul(_frames_product(temporal_weights, value), spatial_share.unsqueeze(-1), spatial_out)
-    return output.permute(0, 3, 2, 1, 4).to(dtype).contiguous().permute(0, 3, 1, 2, 4)
+    batch, heads, tokens, frames, head_dim = value.shape
+    stored = value.new_empty((batch, frames, tokens, heads, head_dim), dtype=dtype)
+    target = stored.permute(0, 3, 2, 1, 4)
+    temporal, spatial_share = _frames_product(temporal_weights, value), spatial_share.unsqueeze(-1)
+    if torch.compiler.is_compiling():  # Dynamo refuses a strided `out=`; compiled code fuses the copy anyway
+        target.copy_(torch.addcmul(temporal, spatial_share, spatial_out))
+    else:  # written in place of the permuted copy: one pass fewer over the output
+        torch.addcmul(temporal, spatial_share, spatial_out, out=target)
+    return stored.permute(0, 3, 1, 2, 4)
 
 
 def _row_term(grad_output: torch.Tensor, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -409,11 +428,14 @@ class _STGAFunction(torch.autograd.Function):
 
 
 class _DSTGAFunction(torch.autograd.Function):
+    """D-STGA from the queries and keys in token layout (`[B, h, N, T, d]`, see `dstga_fast_with_offset`) and the
+    values in frame layout."""
+
     @staticmethod
-    def forward(ctx, query, key, value, offset, query_median, key_median):
-        with _no_autocast(query):
-            batch, heads, frames, tokens, head_dim = query.shape
-            stats = _statistics_dtype(query.dtype)
+    def forward(ctx, query_tokens, key_tokens, value, offset, query_median, key_median):
+        with _no_autocast(value):
+            batch, heads, frames, tokens, head_dim = value.shape
+            stats = _statistics_dtype(value.dtype)
             # Values of all frames side by side per token: the shared weights apply to all of them in one product.
             value_tokens = _by_token(value, value.dtype)
             shared_out, shared_lse = spatial_attention_forward(
@@ -421,29 +443,30 @@ class _DSTGAFunction(torch.autograd.Function):
             )
             spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
             spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
-            query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
-            lse, spatial_share, temporal_weights = _merge(spatial_lse, query_tokens, key_tokens)
-            output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), query.dtype)
-        # The inputs are views of the projections (kept alive anyway): saving them costs no memory, unlike their
-        # token-layout copies, which backward makes again unless the tensors are small (then time matters more).
-        ctx.keep_copies = _keep_copies(query)
-        saved = (query_tokens, key_tokens, value_tokens) if ctx.keep_copies else (query, key, value)
+            lse, spatial_share, temporal_weights = _merge(
+                spatial_lse, query_tokens.to(stats), key_tokens.to(stats)
+            )
+            output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), value.dtype)
+        # The values' token copy is saved only where the tensors are small (else backward makes it again: memory
+        # matters more there).
+        ctx.keep_copies = _keep_copies(value)
         ctx.save_for_backward(
-            *saved, query_median, key_median, output, spatial_out, shared_lse, spatial_share, temporal_weights
+            query_tokens, key_tokens, value_tokens if ctx.keep_copies else value, query_median, key_median, output, spatial_out,
+            shared_lse, spatial_share, temporal_weights,
         )
-        ctx.dtypes = (query.dtype, key.dtype, value.dtype, offset.dtype)
+        ctx.dtypes = (query_tokens.dtype, key_tokens.dtype, value.dtype, offset.dtype)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         (
-            query, key, value, query_median, key_median, output, spatial_out, shared_lse, spatial_share,
-            temporal_weights,
+            query_tokens, key_tokens, value, query_median, key_median, output, spatial_out, shared_lse,
+            spatial_share, temporal_weights,
         ) = ctx.saved_tensors
         query_dtype, key_dtype, value_dtype, offset_dtype = ctx.dtypes
-        with _no_autocast(query):
+        with _no_autocast(output):
             batch, heads, frames, tokens, head_dim = output.shape
-            stats = _statistics_dtype(query_dtype)
+            stats = _statistics_dtype(value_dtype)
             value_tokens = value if ctx.keep_copies else _by_token(value, value_dtype)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
@@ -461,18 +484,14 @@ class _DSTGAFunction(torch.autograd.Function):
                 shared_lse,
                 row_term=None if use_output else (spatial_share * row_term).sum(-1),
             )
-            if ctx.keep_copies:
-                query_tokens, key_tokens = query, key
-            else:  # made again only now, so that they do not coexist with the spatial part's blocks
-                query_tokens, key_tokens = _by_token(query, stats), _by_token(key, stats)
             grad_query, grad_key, grad_value = _temporal_backward(
-                grad, query_tokens, key_tokens, value_tokens.to(stats), temporal_weights, row_term
+                grad, query_tokens.to(stats), key_tokens.to(stats), value_tokens.to(stats), temporal_weights, row_term
             )
-            del query_tokens, key_tokens, grad
+            del grad
             grad_value = grad_value.add_(grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim))
             return (
-                _by_frame(grad_query).to(query_dtype),
-                _by_frame(grad_key).to(key_dtype),
+                grad_query.to(query_dtype),
+                grad_key.to(key_dtype),
                 _by_frame(grad_value).to(value_dtype),
                 _by_frame(grad_offset).to(offset_dtype),
                 grad_query_median,
@@ -489,19 +508,22 @@ def dstga_fast(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, query_median: torch.Tensor
 ) -> torch.Tensor:
     """D-STGA, equal to `attention_timo.dstga_reference` (same arguments)."""
-    return _DSTGAFunction.apply(query, key, value, offset, query_median, temporal_median_fast(key))
+    key_median = temporal_median_fast(key)
+    query_tokens, key_tokens = _by_token(query, query.dtype), _by_token(key, key.dtype)
+    return _DSTGAFunction.apply(query_tokens, key_tokens, value, offset, query_median, key_median)
 
 
 def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
     """`dstga_fast` with its offset branch `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
-    # Eager with many frames: one median network for both, its many small ops cost more than the stack (compiled
-    # code fuses the networks anyway, and there the stack is a copy more).
-    if query.shape[2] > SMALL_FRAMES and not torch.compiler.is_compiling():
-        query_median, key_median = temporal_median_fast(torch.stack([query, key]), dim=3).unbind(0)
-    else:
+    if torch.compiler.is_compiling():  # compiled code fuses the copies and the median networks anyway
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
+        query_tokens, key_tokens = _by_token(query, query.dtype), _by_token(key, key.dtype)
+    else:  # one copy, in token layout, serves both medians (one median network) and the temporal logits
+        query_key = torch.stack([query.transpose(2, 3), key.transpose(2, 3)])
+        query_median, key_median = temporal_median_fast(query_key, dim=4).unbind(0)
+        query_tokens, key_tokens = query_key.unbind(0)
     offset = query_offset(query, query_median)
-    return _DSTGAFunction.apply(query, key, value, offset, query_median, key_median)
+    return _DSTGAFunction.apply(query_tokens, key_tokens, value, offset, query_median, key_median)
 
 
 def dstga_reference_with_offset(query, key, value, query_offset) -> torch.Tensor:
