@@ -7,7 +7,7 @@ import torch
 import timo_hf.attention_fast as attention_fast
 from timo_hf import TiMoConfig, TiMoModel
 from timo_hf.attention_fast import STGA_IMPLEMENTATIONS, dstga_fast, median_values, stga_fast, temporal_median_fast
-from timo_hf.attention_timo import dstga_reference, stga_reference, temporal_median
+from timo_hf.attention_timo import TiMoQueryOffset, dstga_reference, stga_reference, temporal_median
 from timo_hf.convert_original import convert_original_checkpoint
 from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
@@ -90,6 +90,23 @@ def test_median_gradient_compiled_is_eager(frames):
     if frames > 1:
         tied_at_first = tensor[:, :, 0] == tensor.median(dim=2).values
         assert torch.equal(expected[:, :, 0][tied_at_first], grad[tied_at_first])
+
+
+@pytest.mark.parametrize("low_precision", [False, True])
+def test_query_offset_is_relu_batchnorm_of_projected_deviation(low_precision):
+    """`ReLU(BatchNorm1d(w . (q - q_med)))` over all queries as one channel, whichever order the module computes in."""
+    torch.manual_seed(0)
+    offset = TiMoQueryOffset(8).train()
+    (query, _, _), _, _ = module_layout_inputs(2, 3, 5, 7, 8, dtype=torch.float64)
+    query = query.detach().float()
+    median = temporal_median(query)
+    deviation = (query - median.unsqueeze(2)).double() @ offset.projection.weight.double().squeeze(0)
+    expected = torch.relu((deviation - deviation.mean()) / (deviation.var(unbiased=False) + offset.norm.eps).sqrt())
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
+        actual = offset(query, median)
+    assert actual.shape == expected.shape
+    tolerance = 0.02 if low_precision else 1e-5
+    torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 # ---------------------------------------------------------------------------------------------------------------

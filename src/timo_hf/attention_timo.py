@@ -77,10 +77,16 @@ class TiMoQueryOffset(nn.Module):
         self.norm = nn.BatchNorm1d(1)
 
     def forward(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
-        # `w . q - w . q_med` rather than `w . (q - q_med)`: no full-size difference, and the median's gradient is a
-        # sum over frames of scalars, not of vectors. The queries are projected in the order TiMoAttention stores
-        # them (`[B, T, N, heads, d]`), where flattening them for the product is a view, not a copy.
-        projected = self.projection(query.permute(0, 2, 3, 1, 4)).squeeze(-1).permute(0, 3, 1, 2)
-        deviation = projected - self.projection(query_median).squeeze(-1).unsqueeze(2)
+        # Projected in the order TiMoAttention stores the queries (`[B, T, N, heads, d]`), where flattening them
+        # for the product is a view, not a copy.
+        by_token = (0, 2, 3, 1, 4)
+        if query.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(query.device.type):
+            # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
+            # scalars, not of vectors. (Not in low precision: there the two rounded products could cancel.)
+            projected = self.projection(query.permute(by_token))
+            projected = projected - self.projection(query_median.transpose(1, 2)).unsqueeze(1)
+        else:
+            projected = self.projection((query - query_median.unsqueeze(2)).permute(by_token))
+        deviation = projected.squeeze(-1).permute(0, 3, 1, 2)
         # One channel: the rows as the length of a single sample normalise exactly as rows of a batch, faster.
         return F.relu(self.norm(deviation.reshape(1, 1, -1))).view(deviation.shape)
