@@ -27,12 +27,13 @@ def closed_form_attention_flops(config: TiMoConfig, batch: int, frames: int, hei
             per_block = 4 * batch * width_c * length * length
         elif attention == "stga":
             per_block = 4 * batch * width_c * frames * tokens * (tokens + frames)
-        else:  # shared logits, per-frame spatial sums, temporal logits and sums, offset projection (hd -> 1)
+        else:  # shared logits, per-frame spatial sums, temporal logits and sums, offset projection (d -> 1) of
+            # the queries and of their medians (in float32 the module projects both, then subtracts)
             per_block = (
                 2 * batch * width_c * tokens * tokens
                 + 2 * batch * width_c * frames * tokens * tokens
                 + 4 * batch * width_c * frames * frames * tokens
-                + 2 * batch * heads * frames * tokens * head_dim
+                + 2 * batch * heads * (frames + 1) * tokens * head_dim
             )
         total += depth * per_block
     return total

@@ -25,7 +25,7 @@ import contextlib
 
 import torch
 
-from .attention_timo import dstga_reference, stga_reference, temporal_median
+from .attention_timo import autocast_enabled, dstga_reference, stga_reference, temporal_median
 
 
 # The portable spatial kernel holds at most this many logits per (batch * head) slice at a time.
@@ -42,14 +42,12 @@ LOG2_E = 1.4426950408889634
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
 
 
 def _no_autocast(tensor: torch.Tensor):
     """Suspend autocast: the kernels choose their own precision."""
-    device_type = tensor.device.type
-    if device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type=device_type, enabled=False)
+    if autocast_enabled(tensor):
+        return torch.autocast(device_type=tensor.device.type, enabled=False)
     return contextlib.nullcontext()
 
 
@@ -451,8 +449,8 @@ class _DSTGAFunction(torch.autograd.Function):
         # matters more there).
         ctx.keep_copies = _keep_copies(value)
         ctx.save_for_backward(
-            query_tokens, key_tokens, value_tokens if ctx.keep_copies else value, query_median, key_median, output, spatial_out,
-            shared_lse, spatial_share, temporal_weights,
+            query_tokens, key_tokens, value_tokens if ctx.keep_copies else value, query_median, key_median, output,
+            spatial_out, shared_lse, spatial_share, temporal_weights,
         )
         ctx.dtypes = (query_tokens.dtype, key_tokens.dtype, value.dtype, offset.dtype)
         return output

@@ -21,6 +21,15 @@ from torch import nn
 from torch.nn import functional as F
 
 
+_AUTOCAST_DEVICES = ("cpu", "cuda", "xpu", "mps", "hpu")
+
+
+def autocast_enabled(tensor: torch.Tensor) -> bool:
+    """Whether autocast is on for the tensor's device (False on devices without autocast, such as "meta")."""
+    device_type = tensor.device.type
+    return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
+
+
 def temporal_median(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Median over the frames; for an even count the lower of the two middle values (as `torch.median`)."""
     return tensor.median(dim=dim).values
@@ -80,7 +89,7 @@ class TiMoQueryOffset(nn.Module):
         # Projected in the order TiMoAttention stores the queries (`[B, T, N, heads, d]`), where flattening them
         # for the product is a view, not a copy.
         by_token = (0, 2, 3, 1, 4)
-        if query.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(query.device.type):
+        if query.dtype in (torch.float32, torch.float64) and not autocast_enabled(query):
             # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
             # scalars, not of vectors. (Not in low precision: there the two rounded products could cancel.)
             projected = self.projection(query.permute(by_token))
