@@ -201,8 +201,9 @@ def build_report(results: dict, info: dict) -> str:
         f"Written by `python -m benchmarks` on {info['date']} ({info['command']}). Every number below comes from "
         "that one run; each case ran in its own process; times are medians of the listed repeats after a warm-up "
         "run (the T=30 attention cases and the T sweep ran in several processes, their repeats pooled; the raw "
-        "results list each process's median as `process_times_s`). Memory (`MiB`) is the peak of the tensors created by the measured code and alive at once (inputs "
-        "excluded; counted at the dispatcher, so scratch space inside a kernel is not seen); the raw results also "
+        "results list each process's median as `process_times_s`). Memory (`MiB`) is the peak of the tensors "
+        "created by the measured code and alive at once (inputs excluded; counted at the dispatcher, so scratch "
+        "space inside a kernel is not seen); the raw results also "
         "hold the peak resident-set growth of the process (`peak_resident_bytes`); for compiled cases only the "
         "latter exists and is shown.",
         "",

@@ -441,9 +441,7 @@ class _DSTGAFunction(torch.autograd.Function):
             )
             spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
             spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
-            lse, spatial_share, temporal_weights = _merge(
-                spatial_lse, query_tokens.to(stats), key_tokens.to(stats)
-            )
+            lse, spatial_share, temporal_weights = _merge(spatial_lse, query_tokens.to(stats), key_tokens.to(stats))
             output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), value.dtype)
         # The values' token copy is saved only where the tensors are small (else backward makes it again: memory
         # matters more there).
@@ -502,20 +500,23 @@ def stga_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     return _STGAFunction.apply(query, key, value)
 
 
+def _token_copies(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The queries and keys in token layout, as `_DSTGAFunction` takes them."""
+    return _by_token(query, query.dtype), _by_token(key, key.dtype)
+
+
 def dstga_fast(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, query_median: torch.Tensor
 ) -> torch.Tensor:
     """D-STGA, equal to `attention_timo.dstga_reference` (same arguments)."""
-    key_median = temporal_median_fast(key)
-    query_tokens, key_tokens = _by_token(query, query.dtype), _by_token(key, key.dtype)
-    return _DSTGAFunction.apply(query_tokens, key_tokens, value, offset, query_median, key_median)
+    return _DSTGAFunction.apply(*_token_copies(query, key), value, offset, query_median, temporal_median_fast(key))
 
 
 def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
     """`dstga_fast` with its offset branch `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
     if torch.compiler.is_compiling():  # compiled code fuses the copies and the median networks anyway
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
-        query_tokens, key_tokens = _by_token(query, query.dtype), _by_token(key, key.dtype)
+        query_tokens, key_tokens = _token_copies(query, key)
     else:  # one copy, in token layout, serves both medians (one median network) and the temporal logits
         query_key = torch.stack([query.transpose(2, 3), key.transpose(2, 3)])
         query_median, key_median = temporal_median_fast(query_key, dim=4).unbind(0)
