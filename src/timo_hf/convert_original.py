@@ -102,9 +102,14 @@ def _rename_all(state_dict: dict, report: ConversionReport, rename, converted: d
 
 def _rename_dropping_head(state_dict: dict, report: ConversionReport, rename, head_reason: str) -> dict:
     """Rename every key with `rename`, dropping (and reporting) the official unused 1000-class `head`."""
-    for key in filter(_UNUSED_BACKBONE_HEAD.match, state_dict):
-        report.dropped[key] = head_reason
-    return _rename_all(state_dict, report, lambda key: None if _UNUSED_BACKBONE_HEAD.match(key) else rename(key))
+
+    def rename_or_drop(key: str) -> str | None:
+        if _UNUSED_BACKBONE_HEAD.match(key):
+            report.dropped[key] = head_reason
+            return None
+        return rename(key)
+
+    return _rename_all(state_dict, report, rename_or_drop)
 
 
 def _convert_backbone(state_dict: dict, report: ConversionReport) -> dict:
