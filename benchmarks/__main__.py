@@ -260,8 +260,9 @@ def build_report(results: dict, info: dict) -> str:
     lines += [
         "## Stage-1 attention kernels (TiMo-Base stage 1: 4 heads x 32 channels, batch 1)",
         "",
-        "From the packed projections to the attention output; D-STGA includes its two temporal medians and the "
-        "offset branch. `fwd` without autograd, `fwdbwd` forward and backward.",
+        "`TiMoAttention.attend`: from the query and key/value projections to the output projection's input "
+        "(`[B, T*N, C]`, where the fast kernels' output is a view and the reference's a copy); D-STGA includes its "
+        "two temporal medians and the offset branch. `fwd` without autograd, `fwdbwd` forward and backward.",
         "",
         "| attention | input | N | mode | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -3,9 +3,9 @@
 Kinds of case (the spec's `kind`):
 
 - `attention`: the stage-1 STGA or D-STGA attention of TiMo-Base (4 heads of 32 channels, `N = H/4 * W/4` tokens
-  per frame) from the projected queries/keys/values to the attention output, D-STGA's medians and offset branch
-  included; `mode` `fwd` (no grad) or `fwdbwd` (forward and backward of a fixed random output gradient);
-  optionally under `torch.compile`.
+  per frame), `TiMoAttention.attend`: from the query and key/value projections to the output projection's input,
+  D-STGA's medians and offset branch included; `mode` `fwd` (no grad) or `fwdbwd` (forward and backward of a fixed
+  random output gradient); optionally under `torch.compile`.
 - `backbone`: the whole TiMo-Base `TiMoModel` (eval mode) on `pixel_values` of `shape`, `fwd` or `fwdbwd`, with
   its FLOPs counted by `timo_hf.flops.count_flops` on the same device for the same pass.
 - `layout_memory`: one training step's forward and backward (train mode) of TiMo-Base with an attention layout.
@@ -19,9 +19,8 @@ import sys
 import torch
 
 from timo_hf import TiMoConfig, TiMoModel
-from timo_hf.attention_fast import STGA_IMPLEMENTATIONS
-from timo_hf.attention_timo import TiMoQueryOffset
 from timo_hf.flops import count_flops
+from timo_hf.modeling_timo import TiMoAttention
 
 from . import common
 from .common import PeakMemory, TensorMemory, machine_info, matmul_peak, measure_memory, time_runs
@@ -36,29 +35,16 @@ def stage1_tokens(shape) -> int:
     return (((height + 1) // 2) // 2) * (((width + 1) // 2) // 2)
 
 
-def attention_step(attention: str, implementation: str, batch: int, frames: int, tokens: int, device: str):
-    """The attention as TiMoAttention runs it, from the query and packed key/value projections (`[B, T*N, C]` and
-    `[B, T*N, 2C]`, the outputs of its two linear layers) to the output `[B, h, T, N, d]`."""
-    kernels = STGA_IMPLEMENTATIONS[implementation]
-    head_dim = STAGE1_WIDTH // STAGE1_HEADS
-    offset_branch = TiMoQueryOffset(head_dim).to(device) if attention == "dstga" else None
-    shape = (batch, STAGE1_HEADS, frames, tokens, head_dim)
-
-    def split(query_projection, key_value_projection):
-        length = frames * tokens
-        query = query_projection.view(batch, length, STAGE1_HEADS, head_dim).transpose(1, 2)
-        key, value = (
-            key_value_projection.view(batch, length, 2, STAGE1_HEADS, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        )
-        return query.reshape(shape), key.reshape(shape), value.reshape(shape)
+def attention_step(attention: str, implementation: str, frames: int, device: str):
+    """Stage 1's attention as TiMo-Base runs it (`TiMoAttention.attend`): from the query and packed key/value
+    projections (`[B, T*N, C]` and `[B, T*N, 2C]`) to the output projection's input (`[B, T*N, C]`)."""
+    config = TiMoConfig.from_preset("base", stga_implementation=implementation)
+    module = TiMoAttention(config, STAGE1_WIDTH, STAGE1_HEADS, attention).to(device)
 
     def step(query_projection, key_value_projection):
-        query, key, value = split(query_projection, key_value_projection)
-        if attention == "stga":
-            return kernels.stga(query, key, value)
-        return kernels.dstga_with_offset(query, key, value, offset_branch)
+        return module.attend(query_projection, key_value_projection, frames)
 
-    return step, offset_branch
+    return step, module
 
 
 def run_attention(spec: dict) -> dict:
@@ -66,15 +52,14 @@ def run_attention(spec: dict) -> dict:
     batch, frames = spec["shape"][:2]
     tokens = stage1_tokens(spec["shape"])
     torch.manual_seed(0)
-    step, offset_branch = attention_step(spec["attention"], spec["implementation"], batch, frames, tokens, device)
+    step, module = attention_step(spec["attention"], spec["implementation"], frames, device)
     if spec.get("compile"):
         step = torch.compile(step, fullgraph=True)
     query_projection = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device)
     key_value_projection = torch.randn(batch, frames * tokens, 2 * STAGE1_WIDTH, device=device)
-    grad = torch.randn(batch, STAGE1_HEADS, frames, tokens, STAGE1_WIDTH // STAGE1_HEADS, device=device)
+    grad = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device)
     if spec["mode"] == "fwd":
-        if offset_branch is not None:
-            offset_branch.eval()
+        module.eval()
 
         def run():
             with torch.no_grad():

@@ -68,6 +68,10 @@ def accelerate_launch(script: str | Path, *args: str, processes: int = 2, fsdp: 
         command.insert(3, "--multi_gpu")
     command += [str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    try:
+        completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as err:  # show where the processes stood (the exception's repr hides it)
+        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
+        pytest.fail(f"accelerate launch still running after {timeout} s; last stderr:\n{stderr[-4000:]}")
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed

@@ -92,9 +92,10 @@ def test_median_gradient_compiled_is_eager(frames):
         assert torch.equal(expected[:, :, 0][tied_at_first], grad[tied_at_first])
 
 
-@pytest.mark.parametrize("low_precision", [False, True])
-def test_query_offset_is_relu_batchnorm_of_projected_deviation(low_precision):
-    """`ReLU(BatchNorm1d(w . (q - q_med)))` over all queries as one channel, whichever order the module computes in."""
+@pytest.mark.parametrize("mode", ["float32", "bfloat16 autocast", "compiled"])
+def test_query_offset_is_relu_batchnorm_of_projected_deviation(mode):
+    """`ReLU(BatchNorm1d(w . (q - q_med)))` over all queries as one channel, whichever order the module computes in
+    (float32: two products; low precision: the difference first; compiled code: one fused pass)."""
     torch.manual_seed(0)
     offset = TiMoQueryOffset(8).train()
     (query, _, _), _, _ = module_layout_inputs(2, 3, 5, 7, 8, dtype=torch.float64)
@@ -102,10 +103,11 @@ def test_query_offset_is_relu_batchnorm_of_projected_deviation(low_precision):
     median = temporal_median(query)
     deviation = (query - median.unsqueeze(2)).double() @ offset.projection.weight.double().squeeze(0)
     expected = torch.relu((deviation - deviation.mean()) / (deviation.var(unbiased=False) + offset.norm.eps).sqrt())
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=low_precision):
-        actual = offset(query, median)
+    module = torch.compile(offset, fullgraph=True, backend="aot_eager") if mode == "compiled" else offset
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bfloat16 autocast"):
+        actual = module(query, median)
     assert actual.shape == expected.shape
-    tolerance = 0.02 if low_precision else 1e-5
+    tolerance = 0.02 if mode == "bfloat16 autocast" else 1e-5
     torch.testing.assert_close(actual.double(), expected, rtol=tolerance, atol=tolerance)
 
 

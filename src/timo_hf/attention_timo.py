@@ -86,16 +86,25 @@ class TiMoQueryOffset(nn.Module):
         self.norm = nn.BatchNorm1d(1)
 
     def forward(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
+        deviation = self._projected_deviation(query, query_median)
+        # One channel: the rows as the length of a single sample normalise exactly as rows of a batch, faster.
+        return F.relu(self.norm(deviation.reshape(1, 1, -1))).view(deviation.shape)
+
+    def _projected_deviation(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
+        """`w . (q - q_med)`, `[B, heads, T, N]`, in the order that suits the precision and the execution mode."""
+        low_precision = query.dtype not in (torch.float32, torch.float64) or autocast_enabled(query)
+        if torch.compiler.is_compiling() and not low_precision:
+            # One fused pass over the queries in compiled code (a product with one output column does not fuse).
+            weight = self.projection.weight.view(-1)
+            return ((query - query_median.unsqueeze(2)) * weight).sum(-1)
         # Projected in the order TiMoAttention stores the queries (`[B, T, N, heads, d]`), where flattening them
         # for the product is a view, not a copy.
         by_token = (0, 2, 3, 1, 4)
-        if query.dtype in (torch.float32, torch.float64) and not autocast_enabled(query):
+        if low_precision:  # the two rounded products of the other order could cancel
+            projected = self.projection((query - query_median.unsqueeze(2)).permute(by_token))
+        else:
             # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
-            # scalars, not of vectors. (Not in low precision: there the two rounded products could cancel.)
+            # scalars, not of vectors.
             projected = self.projection(query.permute(by_token))
             projected = projected - self.projection(query_median.transpose(1, 2)).unsqueeze(1)
-        else:
-            projected = self.projection((query - query_median.unsqueeze(2)).permute(by_token))
-        deviation = projected.squeeze(-1).permute(0, 3, 1, 2)
-        # One channel: the rows as the length of a single sample normalise exactly as rows of a batch, faster.
-        return F.relu(self.norm(deviation.reshape(1, 1, -1))).view(deviation.shape)
+        return projected.squeeze(-1).permute(0, 3, 1, 2)

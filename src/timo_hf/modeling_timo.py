@@ -259,13 +259,16 @@ class TiMoAttention(nn.Module):
         self.query_offset = TiMoQueryOffset(self.head_dim) if attention_type == "dstga" else None
 
     def forward(self, hidden_states: torch.Tensor, num_frames: int) -> torch.Tensor:
-        batch_size, length, dim = hidden_states.shape
-        query = self.query(hidden_states).view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        attended = self.attend(self.query(hidden_states), self.key_value(hidden_states), num_frames)
+        return self.projection(attended)
+
+    def attend(self, query: torch.Tensor, key_value: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """The attention between the projections: `query` `[B, T*N, C]` and packed `key_value` `[B, T*N, 2C]` in,
+        `[B, T*N, C]` (the output projection's input) out."""
+        batch_size, length, dim = query.shape
+        query = query.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
         key, value = (
-            self.key_value(hidden_states)
-            .view(batch_size, length, 2, self.num_heads, self.head_dim)
-            .permute(2, 0, 3, 1, 4)
-            .unbind(0)
+            key_value.view(batch_size, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
         )
         if self.attention_type == "mhsa":
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
@@ -280,8 +283,9 @@ class TiMoAttention(nn.Module):
                 output = kernels.stga(query, key, value)
             else:
                 output = kernels.dstga_with_offset(query, key, value, self.query_offset)
+            # The fast kernels store their output token-major: this is a view of it.
             output = output.flatten(2, 3).transpose(1, 2)
-        return self.projection(output.reshape(batch_size, length, dim))
+        return output.reshape(batch_size, length, dim)
 
 
 class TiMoDropPath(nn.Module):
