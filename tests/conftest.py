@@ -1,6 +1,7 @@
 """Shared test fixtures: tiny configurations and access to the official golden outputs in ../shared."""
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,10 +69,16 @@ def accelerate_launch(script: str | Path, *args: str, processes: int = 2, fsdp: 
         command.insert(3, "--multi_gpu")
     command += [str(script), *args]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    try:
-        completed = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as err:  # show where the processes stood (the exception's repr hides it)
-        stderr = err.stderr.decode(errors="replace") if isinstance(err.stderr, bytes) else (err.stderr or "")
-        pytest.fail(f"accelerate launch still running after {timeout} s; last stderr:\n{stderr[-4000:]}")
+    # In a session of its own, so that a launch that hangs is killed with all its worker processes (killing the
+    # launcher alone would leave them running, holding CPUs for the rest of the suite).
+    with subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = process.communicate()
+            pytest.fail(f"accelerate launch still running after {timeout} s (killed); last stderr:\n{stderr[-4000:]}")
+    completed = subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
     assert completed.returncode == 0, completed.stderr[-4000:]
     return completed
