@@ -97,8 +97,8 @@ def _build_median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool],
 _MEDIAN_NETWORKS = tuple(_build_median_network(n) for n in range(MAX_NETWORK_FRAMES + 1))
 
 
-# A constant for torch.compile: otherwise every call of a compiled block would first check the ~1,500 guards that
-# Dynamo puts on the network's comparators (a quarter of a millisecond per call at T=30).
+# A constant for torch.compile: otherwise Dynamo guards every comparator of the network and checks all those guards
+# on each call of a compiled block.
 @torch.compiler.assume_constant_result
 def median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
     """The pruned comparator network for the lower median of `num_frames` values (see `_build_median_network`)."""
