@@ -9,24 +9,76 @@ Kinds of case (the spec's `kind`):
 - `backbone`: the whole TiMo-Base `TiMoModel` (eval mode) on `pixel_values` of `shape`, `fwd` or `fwdbwd`, with
   its FLOPs counted by `timo_hf.flops.count_flops` on the same device for the same pass.
 - `layout_memory`: one training step's forward and backward (train mode) of TiMo-Base with an attention layout.
-- `matmul_peak`: the device's measured float32 matmul throughput.
+- `finetune_step`: one fine-tuning step of `TiMoForSemanticSegmentation` (TiMo-Base + UperNet, per-frame output,
+  AdamW) at the paper's MultiEarth setting; its peak memory counts the weights, gradients and optimizer state too.
+- `matmul_peak`: the device's measured matmul throughput in the case's dtype.
+
+Every case takes `dtype` (`float32`, or `bfloat16`: the model code runs under autocast, the attention cases get
+bfloat16 projections as autocast's linear layers hand them over; on CUDA MHSA is then held to SDPA's flash kernel)
+and, for the backbone and fine-tuning cases, `compile` (every TiMo block compiled, fullgraph).
 """
 
+import contextlib
 import json
 import statistics
 import sys
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from timo_hf import TiMoConfig, TiMoModel
+from timo_hf import TiMoConfig, TiMoForSemanticSegmentation, TiMoModel
 from timo_hf.flops import count_flops
-from timo_hf.modeling_timo import TiMoAttention
+from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
 from . import common
 from .common import PeakMemory, TensorMemory, machine_info, matmul_peak, measure_memory, time_runs
 
 
 STAGE1_WIDTH, STAGE1_HEADS = 128, 4
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def dtype_of(spec: dict) -> torch.dtype:
+    return DTYPES[spec.get("dtype", "float32")]
+
+
+def precision(spec: dict):
+    """Autocast to the case's dtype around the forward pass (a no-op for float32)."""
+    dtype = dtype_of(spec)
+    return torch.autocast(torch.device(spec["device"]).type, dtype=dtype, enabled=dtype != torch.float32)
+
+
+def attention_kernels(spec: dict):
+    """On CUDA in bfloat16, SDPA limited to the flash kernel, so that a silent fallback to another kernel fails the
+    case instead. Held for the whole case: activation checkpointing recomputes the forward during backward, and a
+    recomputation that picked another SDPA kernel would save tensors of other shapes."""
+    if torch.device(spec["device"]).type == "cuda" and dtype_of(spec) != torch.float32:
+        return sdpa_kernel(SDPBackend.FLASH_ATTENTION)
+    return contextlib.nullcontext()
+
+
+def min_seconds(spec: dict, on_cpu: float) -> float:
+    """Least total time of the timed runs: CPU timings need seconds to settle, synchronised GPU timings do not."""
+    return on_cpu if torch.device(spec["device"]).type == "cpu" else 0.5
+
+
+def compile_blocks(model: torch.nn.Module) -> None:
+    """Compile every TiMo block in place (one graph each; blocks of the same shape share the compiled code)."""
+    for module in model.modules():
+        if isinstance(module, TiMoLayer):
+            # Static shapes: each stage's blocks get their own graph (a dynamic-shape graph for all stages hits an
+            # inductor assertion on CUDA in torch 2.11).
+            module.compile(fullgraph=True, dynamic=False)
+
+
+def case_memory(run, spec: dict) -> dict:
+    """`measure_memory`, except for compiled code, which allocates outside the dispatcher (and is not traced under
+    a dispatch mode): there only the resident set / CUDA allocator peak is measured."""
+    if not spec.get("compile"):
+        return measure_memory(run, spec["device"])
+    with PeakMemory(spec["device"]) as resident:
+        run()
+    return {"peak_bytes": resident.peak_bytes, "peak_resident_bytes": resident.peak_bytes}
 
 
 def stage1_tokens(shape) -> int:
@@ -55,14 +107,15 @@ def run_attention(spec: dict) -> dict:
     step, module = attention_step(spec["attention"], spec["implementation"], frames, device)
     if spec.get("compile"):
         step = torch.compile(step, fullgraph=True)
-    query_projection = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device)
-    key_value_projection = torch.randn(batch, frames * tokens, 2 * STAGE1_WIDTH, device=device)
-    grad = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device)
+    dtype = dtype_of(spec)
+    query_projection = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device, dtype=dtype)
+    key_value_projection = torch.randn(batch, frames * tokens, 2 * STAGE1_WIDTH, device=device, dtype=dtype)
+    grad = torch.randn(batch, frames * tokens, STAGE1_WIDTH, device=device, dtype=dtype)
     if spec["mode"] == "fwd":
         module.eval()
 
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), precision(spec):
                 step(query_projection, key_value_projection)
 
     else:
@@ -70,18 +123,14 @@ def run_attention(spec: dict) -> dict:
         key_value_projection.requires_grad_(True)
 
         def run():
-            step(query_projection, key_value_projection).backward(grad)
+            with precision(spec):
+                output = step(query_projection, key_value_projection)
+            output.backward(grad)
             query_projection.grad = key_value_projection.grad = None
 
     warmup = 2 if spec.get("compile") else 1
-    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=3.0)
-    if spec.get("compile"):  # compiled code allocates outside the dispatcher: only the resident set is measured
-        with PeakMemory(device) as resident:
-            run()
-        memory = {"peak_bytes": resident.peak_bytes, "peak_resident_bytes": resident.peak_bytes}
-    else:
-        memory = measure_memory(run, device)
-    return {"times_s": times, "time_s": statistics.median(times), "tokens": tokens, **memory}
+    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 3.0))
+    return {"times_s": times, "time_s": statistics.median(times), "tokens": tokens, **case_memory(run, spec)}
 
 
 def base_model(spec: dict, train: bool) -> TiMoModel:
@@ -91,8 +140,7 @@ def base_model(spec: dict, train: bool) -> TiMoModel:
         attention_types=list(spec["layout"]),
         stga_implementation=spec["implementation"],
     )
-    model = TiMoModel(config).to(spec["device"])
-    return model.train(train)
+    return TiMoModel(config).to(spec["device"]).train(train)
 
 
 def run_backbone(spec: dict) -> dict:
@@ -101,25 +149,31 @@ def run_backbone(spec: dict) -> dict:
     model = base_model(spec, train=False)
     pixel_values = torch.randn(*spec["shape"], device=device)
     backward = spec["mode"] == "fwdbwd"
-    flops = count_flops(model, pixel_values, backward=backward)
+    with precision(spec):
+        flops = count_flops(model, pixel_values, backward=backward)
+    if spec.get("compile"):  # after counting: compiled blocks do not run under the counter's dispatch mode
+        compile_blocks(model)
     if not backward:
 
         def run():
-            with torch.no_grad():
+            with torch.no_grad(), precision(spec):
                 model(pixel_values)
 
     else:
 
         def run():
-            model(pixel_values).last_hidden_state.sum().backward()
+            with precision(spec):
+                output = model(pixel_values).last_hidden_state
+            output.float().sum().backward()
             model.zero_grad(set_to_none=True)
 
-    times = time_runs(run, device, spec["repeats"], min_seconds=5.0)
+    warmup = 2 if spec.get("compile") else 1
+    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 5.0))
     counted = flops["total"] if backward else flops["forward"]
     return {
         "times_s": times,
         "time_s": statistics.median(times),
-        **measure_memory(run, device),
+        **case_memory(run, spec),
         "flops": counted,
         "flops_forward": flops["forward"],
     }
@@ -132,7 +186,9 @@ def run_layout_memory(spec: dict) -> dict:
     pixel_values = torch.randn(*spec["shape"], device=device)
 
     def run():
-        model(pixel_values).last_hidden_state.sum().backward()
+        with precision(spec):
+            output = model(pixel_values).last_hidden_state
+        output.float().sum().backward()
         model.zero_grad(set_to_none=True)
 
     with PeakMemory(device) as resident:
@@ -147,24 +203,91 @@ def run_layout_memory(spec: dict) -> dict:
     }
 
 
+def state_bytes(*tensors) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
+
+
+def run_finetune_step(spec: dict) -> dict:
+    """Forward with labels, backward, AdamW step (lr and weight decay of the official fine-tuning script) of
+    TiMo-Base + UperNet with per-frame output, optionally with activation checkpointing of the blocks. Peaks are of a steady-state step (after one warm-up step created
+    the optimizer state): `peak_total_bytes` is everything alive at the step's peak (weights, gradients, AdamW
+    state, activations); on CUDA it is the caching allocator's peak of allocated memory (`peak_reserved_bytes`:
+    what the allocator held from the driver), elsewhere the state plus the peak of the tensors the step created."""
+    device = spec["device"]
+    torch.manual_seed(0)
+    batch, frames, channels, height, width = spec["shape"]
+    config = TiMoConfig.from_preset(
+        "base",
+        num_channels=channels,
+        attention_types=list(spec["layout"]),
+        stga_implementation=spec["implementation"],
+        num_labels=spec["num_labels"],
+        temporal_fusion="none",
+    )
+    model = TiMoForSemanticSegmentation(config).to(device).train()
+    if spec.get("checkpointing"):
+        model.activation_checkpointing_enable()
+    if spec.get("compile"):
+        compile_blocks(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01)
+    pixel_values = torch.randn(*spec["shape"], device=device)
+    labels = torch.randint(0, spec["num_labels"], (batch, frames, height, width), device=device)
+
+    def run():
+        with precision(spec):
+            loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    warmup = 2 if spec.get("compile") else 1
+    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 0.0))
+    state = state_bytes(*model.parameters(), *(t for s in optimizer.state.values() for t in s.values()))
+    memory = {"state_bytes": state, "parameters": sum(p.numel() for p in model.parameters())}
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        torch.cuda.synchronize()
+        memory.update(
+            peak_total_bytes=torch.cuda.max_memory_allocated(),
+            peak_reserved_bytes=torch.cuda.max_memory_reserved(),
+            peak_bytes=torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated(),
+        )
+    else:
+        step_peak = case_memory(run, spec)["peak_bytes"]
+        memory.update(peak_total_bytes=state + step_peak, peak_bytes=step_peak)
+    return {"times_s": times, "time_s": statistics.median(times), **memory}
+
+
 def run_matmul_peak(spec: dict) -> dict:
-    return {"matmul_peak": matmul_peak(spec["device"]), "machine": machine_info(spec["device"])}
+    sizes = (2048, 4096) if torch.device(spec["device"]).type == "cpu" else (4096, 8192)
+    return {
+        "matmul_peak": matmul_peak(spec["device"], dtype_of(spec), sizes),
+        "machine": machine_info(spec["device"]),
+    }
 
 
 RUNNERS = {
     "attention": run_attention,
     "backbone": run_backbone,
     "layout_memory": run_layout_memory,
+    "finetune_step": run_finetune_step,
     "matmul_peak": run_matmul_peak,
 }
 
 
-def main() -> None:
-    spec = json.loads(sys.argv[1])
+def run_spec(spec: dict) -> dict:
+    """Run one case in this process."""
     if spec.get("threads"):
         torch.set_num_threads(spec["threads"])
     common.CLOCK = common.CLOCKS[spec.get("clock", "wall")]
-    result = RUNNERS[spec["kind"]](spec)
+    with attention_kernels(spec):
+        return RUNNERS[spec["kind"]](spec)
+
+
+def main() -> None:
+    result = run_spec(json.loads(sys.argv[1]))
     print("RESULT " + json.dumps(result), flush=True)
 
 

@@ -123,17 +123,17 @@ def measure_memory(function, device: str) -> dict:
     return {"peak_bytes": tensors.peak_bytes, "peak_resident_bytes": resident.peak_bytes}
 
 
-def matmul_peak(device: str, sizes=(2048, 4096), repeats: int = 7) -> dict:
-    """Measured float32 matmul throughput (FLOP/s): the best size's median over `repeats` products."""
+def matmul_peak(device: str, dtype: torch.dtype = torch.float32, sizes=(2048, 4096), repeats: int = 7) -> dict:
+    """Measured matmul throughput (FLOP/s) in `dtype`: the best size's median over `repeats` products."""
     best = {"flops_per_s": 0.0}
     for size in sizes:
-        left = torch.randn(size, size, device=device)
-        right = torch.randn(size, size, device=device)
-        out = torch.empty(size, size, device=device)
+        left = torch.randn(size, size, device=device, dtype=dtype)
+        right = torch.randn(size, size, device=device, dtype=dtype)
+        out = torch.empty(size, size, device=device, dtype=dtype)
         times = time_runs(lambda: torch.mm(left, right, out=out), device, repeats, warmup=2)
         rate = 2 * size**3 / statistics.median(times)
         if rate > best["flops_per_s"]:
-            best = {"flops_per_s": rate, "size": size, "median_s": statistics.median(times)}
+            best = {"flops_per_s": rate, "size": size, "median_s": statistics.median(times), "dtype": str(dtype)}
     return best
 
 

@@ -15,12 +15,14 @@ from timo_hf import TiMoConfig
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_GOLDEN = REPO.parent / "shared" / "golden"
+# TIMO_GOLDEN_DIR: the golden files elsewhere (e.g. carried to a GPU machine, which has no ../shared).
+SHARED_GOLDEN = Path(os.environ.get("TIMO_GOLDEN_DIR", REPO.parent / "shared" / "golden"))
 FSDP_ON_CPU = Path(__file__).resolve().with_name("fsdp_on_cpu.py")
 
 
 def load_golden(name: str) -> dict:
-    """Load `../shared/golden/<name>`, skipping the test where the clone has no ../shared (users' clones)."""
+    """Load `../shared/golden/<name>` (or `$TIMO_GOLDEN_DIR/<name>`), skipping the test where the clone has no
+    ../shared (users' clones)."""
     path = SHARED_GOLDEN / name
     if not path.is_file():
         pytest.skip(f"official golden file {path} not available (only CI and developers have ../shared)")

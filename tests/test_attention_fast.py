@@ -1,5 +1,11 @@
 """The fast STGA / D-STGA kernels (`stga_implementation="fast"`) against the reference kernels and the official
-golden outputs, plus the conditions they must work under: autocast, activation checkpointing, torch.compile."""
+golden outputs, plus the conditions they must work under: autocast, activation checkpointing, torch.compile.
+
+The kernels are tested on `TIMO_TEST_DEVICE` (default `cpu`):
+`TIMO_TEST_DEVICE=cuda pytest tests/test_attention_fast.py` checks them on a GPU, in true float32 (TF32 off), which CI
+cannot (it has none)."""
+
+import os
 
 import pytest
 import torch
@@ -15,6 +21,10 @@ from .conftest import config_from_official, load_golden
 
 
 FRAME_COUNTS = (1, 2, 3, 4, 12, 30)
+DEVICE = torch.device(os.environ.get("TIMO_TEST_DEVICE", "cpu"))
+if DEVICE.type == "cuda":  # the tolerances below are float32's: no TF32 in convolutions or matrix products
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -22,15 +32,16 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def module_layout_inputs(batch, heads, frames, tokens, head_dim, dtype=torch.float32, seed=0):
-    """Queries, keys and values as TiMoAttention hands them to the kernels: strided views of `[B, T*N, h, d]`."""
+    """Queries, keys and values as TiMoAttention hands them to the kernels: strided views of `[B, T*N, h, d]`, on
+    `DEVICE`."""
     generator = torch.Generator().manual_seed(seed)
     shape = (batch, heads, frames, tokens, head_dim)
     tensors = []
     for _ in range(3):
-        packed = torch.randn(batch, frames * tokens, heads, head_dim, generator=generator, dtype=dtype)
+        packed = torch.randn(batch, frames * tokens, heads, head_dim, generator=generator, dtype=dtype).to(DEVICE)
         tensors.append(packed.transpose(1, 2).reshape(shape).requires_grad_())
-    offset = torch.rand(batch, heads, frames, tokens, generator=generator, dtype=dtype).requires_grad_()
-    grad = torch.randn(shape, generator=generator, dtype=dtype)
+    offset = torch.rand(batch, heads, frames, tokens, generator=generator, dtype=dtype).to(DEVICE).requires_grad_()
+    grad = torch.randn(shape, generator=generator, dtype=dtype).to(DEVICE)
     return tensors, offset, grad
 
 
@@ -51,14 +62,14 @@ def run_kernels(implementation, attention, query, key, value, offset, grad):
 
 @pytest.mark.parametrize("frames", list(range(1, 34)))
 def test_median_network_values_are_torch_median(frames):
-    tensor = torch.randn(3, frames, 5, generator=torch.Generator().manual_seed(frames))
+    tensor = torch.randn(3, frames, 5, generator=torch.Generator().manual_seed(frames)).to(DEVICE)
     assert torch.equal(median_values(tensor, 1), tensor.median(1).values)
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 7, 12, 30])
 def test_median_gradient_is_torch_median_gradient(frames):
-    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grad = torch.randn(2, 3, 6, 4, dtype=torch.float64)
+    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64).to(DEVICE)
+    grad = torch.randn(2, 3, 6, 4, dtype=torch.float64).to(DEVICE)
     expected = torch.autograd.grad(temporal_median(tensor.requires_grad_()), tensor, grad)[0]
     actual = torch.autograd.grad(temporal_median_fast(tensor), tensor, grad)[0]
     assert torch.equal(actual, expected)
@@ -74,9 +85,9 @@ def test_median_gradient_with_ties_goes_to_the_first_tied_frame():
 @pytest.mark.parametrize("frames", [1, 3, 30])
 def test_median_gradient_compiled_is_eager(frames):
     """Under torch.compile the gradient is routed by a fused comparison instead of a scatter: same result."""
-    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0))
+    tensor = torch.randn(2, 3, frames, 6, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
     tensor[:, :, -1] = tensor[:, :, 0]  # ties
-    grad = torch.randn(2, 3, 6, 4)
+    grad = torch.randn(2, 3, 6, 4).to(DEVICE)
 
     def median_gradient(median):
         leaf = tensor.clone().requires_grad_()
@@ -97,14 +108,14 @@ def test_query_offset_is_relu_batchnorm_of_projected_deviation(mode):
     """`ReLU(BatchNorm1d(w . (q - q_med)))` over all queries as one channel, whichever order the module computes in
     (float32: two products; low precision: the difference first; compiled code: one fused pass)."""
     torch.manual_seed(0)
-    offset = TiMoQueryOffset(8).train()
+    offset = TiMoQueryOffset(8).to(DEVICE).train()
     (query, _, _), _, _ = module_layout_inputs(2, 3, 5, 7, 8, dtype=torch.float64)
     query = query.detach().float()
     median = temporal_median(query)
     deviation = (query - median.unsqueeze(2)).double() @ offset.projection.weight.double().squeeze(0)
     expected = torch.relu((deviation - deviation.mean()) / (deviation.var(unbiased=False) + offset.norm.eps).sqrt())
     module = torch.compile(offset, fullgraph=True, backend="aot_eager") if mode == "compiled" else offset
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bfloat16 autocast"):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=mode == "bfloat16 autocast"):
         actual = module(query, median)
     assert actual.shape == expected.shape
     tolerance = 0.02 if mode == "bfloat16 autocast" else 1e-5
@@ -136,8 +147,8 @@ def test_dstga_offset_branch_gradients_fp64(frames):
         hidden_sizes=[16, 32, 48, 64], num_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1], stga_implementation="reference"
     )
     torch.manual_seed(0)
-    module = TiMoAttention(config, 16, 2, "dstga").double().train()
-    hidden = torch.randn(2, frames * 9, 16, dtype=torch.float64)
+    module = TiMoAttention(config, 16, 2, "dstga").to(DEVICE).double().train()
+    hidden = torch.randn(2, frames * 9, 16, dtype=torch.float64).to(DEVICE)
     grads = {}
     for implementation in ("reference", "fast"):
         config.stga_implementation = implementation
@@ -203,6 +214,8 @@ def test_fast_kernels_never_hold_frames_times_tokens_squared(attention):
         largest[implementation] = tracker.largest
     assert largest["reference"] >= batch * heads * frames * tokens * (frames + tokens)
     bound = batch * heads * max(tokens * tokens, frames * tokens * (frames + head_dim))
+    if DEVICE.type != "cpu":  # the portable kernel's row blocks: a fixed budget of logits per slice, whatever T
+        bound = max(bound, batch * heads * attention_fast.BLOCK_ELEMENTS)
     assert largest["fast"] <= bound
 
 
@@ -218,18 +231,23 @@ def golden_model(golden: dict, implementation: str) -> TiMoModel:
 
 @pytest.mark.parametrize("implementation", ["reference", "fast"])
 def test_official_golden_parity(implementation):
-    golden = load_golden("timo_official_small.pt")
-    model = golden_model(golden, implementation)
+    golden = {key: value.to(DEVICE) if torch.is_tensor(value) else value
+              for key, value in load_golden("timo_official_small.pt").items()}
+    model = golden_model(golden, implementation).to(DEVICE)
+
+    def assert_maps(inputs, outputs, tolerance):
+        for actual, expected in zip(model.compute_feature_maps(inputs)[1:], outputs):
+            assert (actual - expected.to(DEVICE)).abs().max() <= tolerance
+
     with torch.no_grad():
         for inputs, outputs in (("input", "outputs"), ("input_T4", "outputs_T4")):
-            for actual, expected in zip(model.compute_feature_maps(golden[inputs])[1:], golden[outputs]):
-                assert (actual - expected).abs().max() <= 1e-5
+            assert_maps(golden[inputs], golden[outputs], 1e-5)
         model.double()
-        for actual, expected in zip(model.compute_feature_maps(golden["input"].double())[1:], golden["outputs_fp64"]):
-            assert (actual - expected).abs().max() <= 1e-10
+        # The temporal encoding carries float32 precision (as official), and CUDA's float32 sin/cos differ from the
+        # CPU's in the last bit: one ulp there moves these float64 outputs by ~1.6e-7.
+        assert_maps(golden["input"].double(), golden["outputs_fp64"], 1e-10 if DEVICE.type == "cpu" else 1e-6)
         model.float().train()
-        for actual, expected in zip(model.compute_feature_maps(golden["input"])[1:], golden["outputs_train_mode"]):
-            assert (actual - expected).abs().max() <= 1e-5
+        assert_maps(golden["input"], golden["outputs_train_mode"], 1e-5)
 
 
 def test_stga_implementation_config():
@@ -244,19 +262,20 @@ def tiny_model(tiny_config_kwargs, **overrides) -> TiMoModel:
 
 
 def test_autocast_bfloat16(tiny_config_kwargs):
-    model = tiny_model(tiny_config_kwargs).train()
-    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    model = tiny_model(tiny_config_kwargs).to(DEVICE).train()
+    pixel_values = torch.randn(2, 3, 3, 32, 32).to(DEVICE)
     expected = model(pixel_values).last_hidden_state
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         output = model(pixel_values).last_hidden_state
     output.float().pow(2).sum().backward()
-    assert output.dtype == torch.bfloat16
+    # CUDA's autocast runs the final layer norm in float32, the CPU's in bfloat16.
+    assert output.dtype == (torch.bfloat16 if DEVICE.type == "cpu" else torch.float32)
     assert relative_error(output.float(), expected) < 0.1
     for name, parameter in model.named_parameters():
         assert parameter.grad is not None and torch.isfinite(parameter.grad).all(), name
     # The kernels themselves under autocast: same result as the reference kernels under autocast.
     (query, key, value), offset, grad = module_layout_inputs(1, 2, 3, 16, 8)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
         for attention in ("stga", "dstga"):
             fast, _ = run_kernels("fast", attention, query, key, value, offset, grad)
             reference, _ = run_kernels("reference", attention, query, key, value, offset, grad)
@@ -264,10 +283,10 @@ def test_autocast_bfloat16(tiny_config_kwargs):
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
-    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    pixel_values = torch.randn(2, 3, 3, 32, 32).to(DEVICE)
     grads = []
     for checkpointing in (False, True):
-        model = tiny_model(tiny_config_kwargs).train()
+        model = tiny_model(tiny_config_kwargs).to(DEVICE).train()
         if checkpointing:
             model.activation_checkpointing_enable()
         model(pixel_values).last_hidden_state.pow(2).sum().backward()
@@ -285,8 +304,8 @@ def test_torch_compile_block_without_graph_breaks(attention, tiny_config_kwargs)
     """
     config = TiMoConfig(**tiny_config_kwargs)
     torch.manual_seed(0)
-    layer = TiMoLayer(config, 16, 2, attention, 0.0).train()
-    hidden = torch.randn(2, 3 * 16, 16, requires_grad=True)
+    layer = TiMoLayer(config, 16, 2, attention, 0.0).to(DEVICE).train()
+    hidden = torch.randn(2, 3 * 16, 16).to(DEVICE).requires_grad_()
     expected = layer(hidden, 3)
     (expected_grad,) = torch.autograd.grad(expected.sum(), hidden)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")

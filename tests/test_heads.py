@@ -8,7 +8,12 @@ from torch.nn import functional as F
 from transformers import Trainer, TrainingArguments, UperNetConfig, UperNetForSemanticSegmentation
 
 from timo_hf import TiMoBackbone, TiMoConfig
-from timo_hf.modeling_timo import TiMoConvModule, TiMoForImageClassification, TiMoForSemanticSegmentation
+from timo_hf.modeling_timo import (
+    TiMoConvModule,
+    TiMoForImageClassification,
+    TiMoForSemanticSegmentation,
+    resize,
+)
 
 
 NUM_LABELS = 3
@@ -89,8 +94,8 @@ def test_per_frame_segmentation_logits_and_loss(tiny_config_kwargs):
 
 
 def test_max_fusion_is_the_frame_maximum_of_the_decoder_features(tiny_config_kwargs):
-    """Max fusion = classifier(max over frames of the per-frame UperNet features); checked through the per-frame
-    model, whose logits are classifier(features): with one frame both must agree exactly."""
+    """Max fusion = classifier(max over frames of the per-frame UperNet features resized to the input); with one
+    frame it agrees with the per-frame model."""
     fused = build(TiMoForSemanticSegmentation, make_config(tiny_config_kwargs))
     per_frame = TiMoForSemanticSegmentation(make_config(tiny_config_kwargs, temporal_fusion="none")).eval()
     per_frame.load_state_dict(fused.state_dict())
@@ -99,10 +104,30 @@ def test_max_fusion_is_the_frame_maximum_of_the_decoder_features(tiny_config_kwa
     pixel_values = torch.randn(2, 3, 3, 64, 64)
     with torch.no_grad():
         logits = fused(pixel_values).logits
-        expected = fused.classifier(features["decoded"].view(2, 3, -1, 64, 64).amax(dim=1))
+        resized = resize(features["decoded"], (64, 64))
+        expected = fused.classifier(resized.view(2, 3, -1, 64, 64).amax(dim=1))
         single_fused, single_frames = fused(pixel_values[:, :1]).logits, per_frame(pixel_values[:, :1]).logits
     assert torch.allclose(logits, expected)
-    assert torch.equal(single_fused, single_frames[:, 0])
+    torch.testing.assert_close(single_fused, single_frames[:, 0])
+
+
+def test_per_frame_logits_equal_the_official_resize_first_order(tiny_config_kwargs):
+    """Per-frame output classifies on the decoder grid, then resizes the class maps; the official head resizes the
+    features first. Bilinear resizing, Dropout2d (same masks: they are drawn per channel) and the 1x1 classifier
+    commute, so both orders give the same logits, also at a size that is not a multiple of the grid."""
+    model = build(TiMoForSemanticSegmentation, make_config(tiny_config_kwargs, temporal_fusion="none")).double()
+    model.dropout.train()
+    features = {}
+    model.decode_head.register_forward_hook(lambda module, args, output: features.update(decoded=output))
+    pixel_values = torch.randn(2, 3, 3, 60, 68, dtype=torch.float64)
+    with torch.no_grad():
+        torch.manual_seed(1)
+        logits = model(pixel_values).logits
+        torch.manual_seed(1)
+        official = model.classifier(model.dropout(resize(features["decoded"], (60, 68))))
+    torch.testing.assert_close(logits, official.view(2, 3, NUM_LABELS, 60, 68), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        assert not torch.allclose(logits, model.eval()(pixel_values).logits)  # the dropout masks did matter
 
 
 def test_ignore_index_pixels_do_not_count(tiny_config_kwargs):

@@ -143,6 +143,7 @@ DEFAULTS = {
         "betas": [0.9, 0.999],
         "max_grad_norm": None,
         "mixed_precision": None,  # "no" | "bf16" | "fp16"; None: what `accelerate launch` says
+        "activation_checkpointing": False,  # recompute each TiMo block in backward: less memory, ~1/3 more compute
         "sync_batchnorm": True,  # SyncBatchNorm across GPUs (as the official DDP runs); not available on CPU
         "find_unused_parameters": False,
         "metric_for_best": "mean_iou",  # any validation score: mean_iou, overall_accuracy, mean_f1, kappa, ...
@@ -602,6 +603,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, init_report = build_model(model_settings, dataset_classes)
     config = model.config
+    if training["activation_checkpointing"]:
+        model.activation_checkpointing_enable()
     class_names = [config.id2label[index] for index in range(config.num_labels)]
     if accelerator.is_main_process:
         log_initialisation(init_report)

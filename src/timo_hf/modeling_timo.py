@@ -733,7 +733,8 @@ class TiMoPyramidPoolingModule(nn.Module):
 class TiMoUperNetHead(nn.Module):
     """UperNet decoder applied to each frame (official-timo.md 3.1): pyramid pooling on the last stage, lateral
     1x1 convs and a top-down path (bilinear upsample-and-add) over the earlier stages, 3x3 FPN convs, all levels
-    resized to the first stage's grid and fused by a 3x3 conv, then resized to the input size.
+    resized to the first stage's grid and fused by a 3x3 conv. The official head then resizes to the input size;
+    that step is left to the caller, which may classify first (see `TiMoForSemanticSegmentation`).
 
     Width `config.uper_hidden_size` (the last stage width when `None`, as official).
     """
@@ -748,8 +749,8 @@ class TiMoUperNetHead(nn.Module):
         self.fpn_convs = nn.ModuleList(TiMoConvModule(channels, channels, 3) for _ in in_channels[:-1])
         self.fpn_bottleneck = TiMoConvModule(len(in_channels) * channels, channels, 3)
 
-    def forward(self, feature_maps: list[torch.Tensor], output_size: tuple[int, int]) -> torch.Tensor:
-        """Stage maps `[frames, C_i, h_i, w_i]` (first to last) -> features `[frames, channels, *output_size]`."""
+    def forward(self, feature_maps: list[torch.Tensor]) -> torch.Tensor:
+        """Stage maps `[frames, C_i, h_i, w_i]` (first to last) -> features `[frames, channels, h_1, w_1]`."""
         top = feature_maps[-1]
         laterals = [conv(feature_map) for conv, feature_map in zip(self.lateral_convs, feature_maps)]
         laterals.append(self.bottleneck(torch.cat([top, *self.pyramid_pooling(top)], dim=1)))
@@ -757,8 +758,7 @@ class TiMoUperNetHead(nn.Module):
             laterals[index - 1] = laterals[index - 1] + resize(laterals[index], laterals[index - 1].shape[-2:])
         levels = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals)] + [laterals[-1]]
         grid = levels[0].shape[-2:]
-        fused = self.fpn_bottleneck(torch.cat([levels[0]] + [resize(level, grid) for level in levels[1:]], dim=1))
-        return resize(fused, output_size)
+        return self.fpn_bottleneck(torch.cat([levels[0]] + [resize(level, grid) for level in levels[1:]], dim=1))
 
 
 class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
@@ -766,8 +766,15 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
     Dropout2d + a 1x1 classifier.
 
     `config.temporal_fusion = "max"` takes the element-wise maximum of the decoder features over frames (one map
-    per sample); `"none"` classifies every frame (MultiEarth deforestation). The decoder output is resized to the
-    input size, so `height` and `width` need not be multiples of 32.
+    per sample); `"none"` classifies every frame (MultiEarth deforestation). The result is resized (bilinear) to
+    the input size, so `height` and `width` need not be multiples of 32.
+
+    With `"none"` the 1x1 classifier runs before the resize, on the decoder's grid (a sixteenth of the pixels), and
+    the class maps are resized instead of the decoder's features: the official order resizes first, but bilinear
+    resizing (weights summing to 1), Dropout2d (a per-channel scale) and a 1x1 convolution commute, so the logits
+    are the same up to rounding, without the `[B*T, channels, H, W]` tensors, the largest of a fine-tuning step
+    (see benchmarks/RESULTS-cuda.md). With `"max"` the order is the official one: the maximum over frames does not
+    commute with resizing.
     """
 
     accepts_loss_kwargs = False  # mean loss, see TiMoForImageClassification
@@ -837,11 +844,12 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
         batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
         outputs = self.timo(pixel_values, temporal_positions=temporal_positions, output_hidden_states=True)
         stage_maps = [hidden_state.flatten(0, 1) for hidden_state in outputs.hidden_states[1:]]
-        features = self.decode_head(stage_maps, (height, width))
+        features = self.decode_head(stage_maps)
         if self.config.temporal_fusion == "max":
-            logits = self.classifier(self.dropout(split_frames(features, batch_size).amax(dim=1)))
+            fused = split_frames(resize(features, (height, width)), batch_size).amax(dim=1)
+            logits = self.classifier(self.dropout(fused))
         else:
-            logits = split_frames(self.classifier(self.dropout(features)), batch_size)
+            logits = split_frames(resize(self.classifier(self.dropout(features)), (height, width)), batch_size)
         loss = None
         if labels is not None:
             ignore_index = self.config.semantic_loss_ignore_index

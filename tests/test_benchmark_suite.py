@@ -1,0 +1,33 @@
+"""The benchmark suite's runner (`python -m benchmarks`): a failing case is recorded, the raw results are kept for
+`--resume`, and `--report-only` rebuilds the report from them."""
+
+import json
+
+from benchmarks.__main__ import main, run_in_process
+
+
+def test_a_failing_case_is_recorded_and_the_run_goes_on():
+    result = run_in_process({"id": "x", "kind": "no_such_kind", "device": "cpu"})
+    assert result["error"] == "KeyError: 'no_such_kind'"
+
+
+def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_path, capsys):
+    raw = tmp_path / "raw.json"
+    common = ["--only", "matmul_peak", "--in-process", "--idle-wait", "0", "--json", str(raw)]
+    main(common + ["--no-write"])
+    first = json.loads(raw.read_text())
+    peak = first["results"]["matmul_peak"]["matmul_peak"]["flops_per_s"]
+    assert peak > 0
+    capsys.readouterr()
+
+    main(common + ["--no-write", "--resume"])
+    resumed = json.loads(raw.read_text())
+    out = capsys.readouterr().out
+    assert "resuming: 1 cases already measured" in out and "[1/1]" not in out
+    assert resumed["results"] == first["results"] and resumed["info"]["resumed"] == 1
+
+    report = tmp_path / "RESULTS.md"
+    main(["--report-only", "--json", str(raw), "--output", str(report), "--note", "a remark"])
+    text = report.read_text()
+    assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
+    assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
