@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import importlib.util
 import json
@@ -238,6 +239,15 @@ def is_sharded(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def end_training(accelerator) -> None:
+    """`accelerator.end_training()` (trackers closed, process group destroyed) once the accelerator's references to
+    the prepared model and optimizer are gone; the caller drops its own first. A DDP reducer that outlives its gloo
+    process group can hang in the group's destructor at interpreter exit."""
+    accelerator.free_memory()
+    gc.collect()
+    accelerator.end_training()
 
 
 def derive_seed(*parts: int) -> int:

@@ -63,6 +63,7 @@ from card_generator import write_finetuned_card  # noqa: E402
 from common import (  # noqa: E402
     CheckpointError,
     derive_seed,
+    end_training,
     flatten_settings,
     full_state_dict,
     load_full_state_dict,
@@ -712,7 +713,8 @@ def main(argv: list[str] | None = None) -> dict:
                           "train_examples": len(subset), "train_examples_total": len(train_full),
                           "train_subset_indices": subset.tolist() if data["train_fraction"] < 1 else None,
                           "train_seconds": time.perf_counter() - started})
-    accelerator.end_training()
+    del model, optimizer
+    end_training(accelerator)
     return results
 
 

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     CheckpointError,
     derive_seed,
+    end_training,
     flatten_settings,
     full_state_dict,
     is_sharded,
@@ -327,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
         plot_loss_curve(output_dir / "logs" / "metrics.jsonl", output_dir / "loss_curve.png")
     if step >= max_steps:
         save_final_folder(accelerator, model, final_state, processor, settings, summary, output_dir)
-    accelerator.end_training()
+    del model, optimizer
+    end_training(accelerator)
     return summary
 
 
