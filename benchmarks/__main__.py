@@ -553,6 +553,8 @@ def main(argv=None) -> None:
     if (args.resume or args.report_only) and not args.json:
         parser.error("--resume and --report-only need --json (the raw results of a run)")
     if args.report_only:
+        if not args.json.is_file():
+            parser.error(f"--report-only: no raw results at {args.json}")
         saved = json.loads(args.json.read_text())
         if args.note:
             saved["info"]["note"] = args.note

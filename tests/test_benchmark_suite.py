@@ -3,6 +3,8 @@
 
 import json
 
+import pytest
+
 from benchmarks.__main__ import main, run_in_process
 
 
@@ -31,3 +33,10 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     text = report.read_text()
     assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
+
+
+def test_report_only_without_raw_results_names_the_missing_file(tmp_path, capsys):
+    missing = tmp_path / "none.json"
+    with pytest.raises(SystemExit):
+        main(["--report-only", "--json", str(missing)])
+    assert f"no raw results at {missing}" in capsys.readouterr().err
