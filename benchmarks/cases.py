@@ -15,7 +15,8 @@ Kinds of case (the spec's `kind`):
 
 Every case takes `dtype` (`float32`, or `bfloat16`: the model code runs under autocast, the attention cases get
 bfloat16 projections as autocast's linear layers hand them over; on CUDA MHSA is then held to SDPA's flash kernel)
-and, for the backbone and fine-tuning cases, `compile` (every TiMo block compiled, fullgraph).
+and `compile` (attention cases: the step compiled, fullgraph; backbone and fine-tuning cases: every TiMo block
+compiled, fullgraph).
 """
 
 import contextlib

@@ -144,7 +144,7 @@ DEFAULTS = {
         "betas": [0.9, 0.999],
         "max_grad_norm": None,
         "mixed_precision": None,  # "no" | "bf16" | "fp16"; None: what `accelerate launch` says
-        "activation_checkpointing": False,  # recompute each TiMo block in backward: less memory, ~1/3 more compute
+        "activation_checkpointing": False,  # recompute blocks in backward: less memory, more time
         "sync_batchnorm": True,  # SyncBatchNorm across GPUs (as the official DDP runs); not available on CPU
         "find_unused_parameters": False,
         "metric_for_best": "mean_iou",  # any validation score: mean_iou, overall_accuracy, mean_f1, kappa, ...
