@@ -100,7 +100,13 @@ def attention_step(attention: str, implementation: str, frames: int, device: str
     return step, module
 
 
-def run_attention(spec: dict) -> dict:
+def warmup_runs(spec: dict) -> int:
+    """Untimed runs before the timed ones: two under torch.compile (the first one compiles), else one."""
+    return 2 if spec.get("compile") else 1
+
+
+def prepare_attention(spec: dict):
+    """The callable that runs one step of an attention case (not yet run)."""
     device = spec["device"]
     batch, frames = spec["shape"][:2]
     tokens = stage1_tokens(spec["shape"])
@@ -129,8 +135,13 @@ def run_attention(spec: dict) -> dict:
             output.backward(grad)
             query_projection.grad = key_value_projection.grad = None
 
-    warmup = 2 if spec.get("compile") else 1
-    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 3.0))
+    return run
+
+
+def run_attention(spec: dict) -> dict:
+    run = prepare_attention(spec)
+    times = time_runs(run, spec["device"], spec["repeats"], warmup_runs(spec), min_seconds(spec, 3.0))
+    tokens = stage1_tokens(spec["shape"])
     return {"times_s": times, "time_s": statistics.median(times), "tokens": tokens, **case_memory(run, spec)}
 
 
@@ -144,17 +155,16 @@ def base_model(spec: dict, train: bool) -> TiMoModel:
     return TiMoModel(config).to(spec["device"]).train(train)
 
 
-def run_backbone(spec: dict) -> dict:
-    device = spec["device"]
+def backbone_inputs(spec: dict) -> tuple[TiMoModel, torch.Tensor]:
     torch.manual_seed(0)
-    model = base_model(spec, train=False)
-    pixel_values = torch.randn(*spec["shape"], device=device)
-    backward = spec["mode"] == "fwdbwd"
-    with precision(spec):
-        flops = count_flops(model, pixel_values, backward=backward)
-    if spec.get("compile"):  # after counting: compiled blocks do not run under the counter's dispatch mode
+    return base_model(spec, train=False), torch.randn(*spec["shape"], device=spec["device"])
+
+
+def backbone_run(spec: dict, model: TiMoModel, pixel_values: torch.Tensor):
+    """The callable that runs one step of a backbone case (compiling the blocks first where the case says so)."""
+    if spec.get("compile"):
         compile_blocks(model)
-    if not backward:
+    if spec["mode"] == "fwd":
 
         def run():
             with torch.no_grad(), precision(spec):
@@ -168,8 +178,21 @@ def run_backbone(spec: dict) -> dict:
             output.float().sum().backward()
             model.zero_grad(set_to_none=True)
 
-    warmup = 2 if spec.get("compile") else 1
-    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 5.0))
+    return run
+
+
+def prepare_backbone(spec: dict):
+    return backbone_run(spec, *backbone_inputs(spec))
+
+
+def run_backbone(spec: dict) -> dict:
+    model, pixel_values = backbone_inputs(spec)
+    backward = spec["mode"] == "fwdbwd"
+    with precision(spec):
+        flops = count_flops(model, pixel_values, backward=backward)
+    # Compiled after counting: compiled blocks do not run under the counter's dispatch mode.
+    run = backbone_run(spec, model, pixel_values)
+    times = time_runs(run, spec["device"], spec["repeats"], warmup_runs(spec), min_seconds(spec, 5.0))
     counted = flops["total"] if backward else flops["forward"]
     return {
         "times_s": times,
@@ -185,13 +208,7 @@ def run_layout_memory(spec: dict) -> dict:
     torch.manual_seed(0)
     model = base_model(spec, train=True)
     pixel_values = torch.randn(*spec["shape"], device=device)
-
-    def run():
-        with precision(spec):
-            output = model(pixel_values).last_hidden_state
-        output.float().sum().backward()
-        model.zero_grad(set_to_none=True)
-
+    run = backbone_run({**spec, "mode": "fwdbwd"}, model, pixel_values)
     with PeakMemory(device) as resident:
         times = time_runs(run, device, spec.get("repeats", 1), warmup=0)
     with TensorMemory() as tensors:
@@ -208,12 +225,8 @@ def state_bytes(*tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def run_finetune_step(spec: dict) -> dict:
-    """Forward with labels, backward, AdamW step (lr and weight decay of the official fine-tuning script) of
-    TiMo-Base + UperNet with per-frame output, optionally with activation checkpointing of the blocks. Peaks are of a steady-state step (after one warm-up step created
-    the optimizer state): `peak_total_bytes` is everything alive at the step's peak (weights, gradients, AdamW
-    state, activations); on CUDA it is the caching allocator's peak of allocated memory (`peak_reserved_bytes`:
-    what the allocator held from the driver), elsewhere the state plus the peak of the tensors the step created."""
+def finetune_parts(spec: dict):
+    """The callable that runs one fine-tuning step, the model and its optimizer."""
     device = spec["device"]
     torch.manual_seed(0)
     batch, frames, channels, height, width = spec["shape"]
@@ -241,8 +254,22 @@ def run_finetune_step(spec: dict) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    warmup = 2 if spec.get("compile") else 1
-    times = time_runs(run, device, spec["repeats"], warmup=warmup, min_seconds=min_seconds(spec, 0.0))
+    return run, model, optimizer
+
+
+def prepare_finetune(spec: dict):
+    return finetune_parts(spec)[0]
+
+
+def run_finetune_step(spec: dict) -> dict:
+    """Forward with labels, backward, AdamW step (lr and weight decay of the official fine-tuning script) of
+    TiMo-Base + UperNet with per-frame output, optionally with activation checkpointing of the blocks. Peaks are of
+    a steady-state step (after one warm-up step created the optimizer state): `peak_total_bytes` is everything alive
+    at the step's peak (weights, gradients, AdamW state, activations); on CUDA it is the caching allocator's peak of allocated memory (`peak_reserved_bytes`:
+    what the allocator held from the driver), elsewhere the state plus the peak of the tensors the step created."""
+    device = spec["device"]
+    run, model, optimizer = finetune_parts(spec)
+    times = time_runs(run, device, spec["repeats"], warmup_runs(spec), min_seconds(spec, 0.0))
     state = state_bytes(*model.parameters(), *(t for s in optimizer.state.values() for t in s.values()))
     memory = {"state_bytes": state, "parameters": sum(p.numel() for p in model.parameters())}
     if torch.device(device).type == "cuda":
@@ -268,6 +295,13 @@ def run_matmul_peak(spec: dict) -> dict:
         "machine": machine_info(spec["device"]),
     }
 
+
+# The cases that `python -m benchmarks.profile` can profile: kind -> callable that builds one step of the case.
+PREPARERS = {
+    "attention": prepare_attention,
+    "backbone": prepare_backbone,
+    "finetune_step": prepare_finetune,
+}
 
 RUNNERS = {
     "attention": run_attention,

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from benchmarks.__main__ import main, run_in_process
+from benchmarks.profile import main as profile_main
 
 
 def test_a_failing_case_is_recorded_and_the_run_goes_on():
@@ -40,3 +41,22 @@ def test_report_only_without_raw_results_names_the_missing_file(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["--report-only", "--json", str(missing)])
     assert f"no raw results at {missing}" in capsys.readouterr().err
+
+
+def test_profile_splits_a_step_into_matrix_products_and_the_rest(capsys):
+    profile_main(["attention/dstga/T30-48px/fwd/fast", "--steps", "1", "--rows", "50"])
+    out = capsys.readouterr().out
+    # D-STGA's shared spatial softmax applied to all 30 frames' values at once: one [N, N] x [N, T*d] product per head.
+    assert "| aten::bmm | [[4, 144, 144], [4, 144, 960]" in out
+    shares = [line for line in out.splitlines() if line.startswith("- ")]
+    assert [line.split(":")[0] for line in shares] == [
+        "- matrix products", "- generated kernels", "- everything else", "- measured matmul peak"
+    ]
+    assert "of the measured matmul peak" in shares[0]
+
+
+def test_profile_names_cases_like_an_unknown_one():
+    with pytest.raises(SystemExit, match="cases like it: attention/dstga/T30-48px/fwd/fast"):
+        profile_main(["attention/dstga/T30-48px/fwd/fas"])
+    with pytest.raises(SystemExit, match="a layout_memory case, which is not profiled"):
+        profile_main(["layout_memory/M-M-M-M/B2-T3-256px/fwdbwd/fast"])
