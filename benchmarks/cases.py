@@ -225,8 +225,13 @@ def state_bytes(*tensors) -> int:
     return sum(tensor.numel() * tensor.element_size() for tensor in tensors)
 
 
-def finetune_parts(spec: dict):
-    """The callable that runs one fine-tuning step, the model and its optimizer."""
+def run_finetune_step(spec: dict) -> dict:
+    """Forward with labels, backward, AdamW step (lr and weight decay of the official fine-tuning script) of
+    TiMo-Base + UperNet with per-frame output, optionally with activation checkpointing of the blocks. Peaks are of
+    a steady-state step (after one warm-up step created the optimizer state): `peak_total_bytes` is everything alive
+    at the step's peak (weights, gradients, AdamW state, activations); on CUDA it is the caching allocator's peak of
+    allocated memory (`peak_reserved_bytes`: what the allocator held from the driver), elsewhere the state plus the
+    peak of the tensors the step created."""
     device = spec["device"]
     torch.manual_seed(0)
     batch, frames, channels, height, width = spec["shape"]
@@ -254,21 +259,6 @@ def finetune_parts(spec: dict):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return run, model, optimizer
-
-
-def prepare_finetune(spec: dict):
-    return finetune_parts(spec)[0]
-
-
-def run_finetune_step(spec: dict) -> dict:
-    """Forward with labels, backward, AdamW step (lr and weight decay of the official fine-tuning script) of
-    TiMo-Base + UperNet with per-frame output, optionally with activation checkpointing of the blocks. Peaks are of
-    a steady-state step (after one warm-up step created the optimizer state): `peak_total_bytes` is everything alive
-    at the step's peak (weights, gradients, AdamW state, activations); on CUDA it is the caching allocator's peak of allocated memory (`peak_reserved_bytes`:
-    what the allocator held from the driver), elsewhere the state plus the peak of the tensors the step created."""
-    device = spec["device"]
-    run, model, optimizer = finetune_parts(spec)
     times = time_runs(run, device, spec["repeats"], warmup_runs(spec), min_seconds(spec, 0.0))
     state = state_bytes(*model.parameters(), *(t for s in optimizer.state.values() for t in s.values()))
     memory = {"state_bytes": state, "parameters": sum(p.numel() for p in model.parameters())}
@@ -300,7 +290,6 @@ def run_matmul_peak(spec: dict) -> dict:
 PREPARERS = {
     "attention": prepare_attention,
     "backbone": prepare_backbone,
-    "finetune_step": prepare_finetune,
 }
 
 RUNNERS = {

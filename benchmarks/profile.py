@@ -3,13 +3,13 @@
     python -m benchmarks.profile attention/dstga/T30-48px/fwdbwd/fast+compile
     python -m benchmarks.profile backbone/D-D-M-M/T3-256px/fwd/fast --steps 2 --rows 30
 
-Builds the step of one case of the suite (`python -m benchmarks --list` names them), runs the case's warm-up
-runs, then profiles `--steps` steps in this process with torch.profiler and prints, per step: the operators that
-took the most time by self time (with their input shapes; the kernels inductor generated, by name, for compiled
-cases), and how the step splits between matrix products (with the rate they reach against the device's measured
-matmul peak), generated kernels and everything else. The profiler adds a cost to every operator call, so the step
-time it sees is above the suite's: the shares and the rates are what this is for, the suite's numbers are the
-measurement.
+Builds the step of one attention or backbone case of the suite (`python -m benchmarks --list` names them) on the
+CPU, runs the case's warm-up runs, then profiles `--steps` steps in this process with torch.profiler and prints,
+per step: the operators that took the most time by self time (with their input shapes; the kernels inductor
+generated, by name, for compiled cases), and how the step splits between matrix products (with the rate they reach
+against the measured matmul peak), SDPA's fused attention kernels, generated kernels and everything else. The
+profiler adds a cost to every operator call, so the step time it sees is above the suite's: the shares and the
+rates are what this is for, the suite's numbers are the measurement.
 """
 
 import argparse
@@ -17,65 +17,64 @@ import sys
 from collections import defaultdict
 
 import torch
+import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
 from .__main__ import all_cases
-from .cases import PREPARERS, attention_kernels, dtype_of, warmup_runs
-from .common import matmul_peak, synchronize
+from .cases import PREPARERS, dtype_of, warmup_runs
+from .common import matmul_peak
 
 
 # Dense products whose FLOPs the profiler counts (the rate of the rest is not a matmul rate).
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
 
 
-def find_case(case_id: str, device: str, dtype: str) -> dict:
-    cases = {case["id"]: case for case in all_cases(device, repeats=1)}
+def find_case(case_id: str, dtype: str) -> dict:
+    cases = {case["id"]: case for case in all_cases("cpu", repeats=1)}
     if case_id not in cases:
-        close = [known for known in cases if case_id in known] or sorted(cases)[:10]
-        raise SystemExit(f"no case {case_id!r}; cases like it: {', '.join(close)}")
+        close = [known for known in cases if case_id in known]
+        hint = f"cases like it: {', '.join(close)}" if close else "python -m benchmarks --list names them"
+        raise SystemExit(f"no case {case_id!r}; {hint}")
     case = {**cases[case_id], "dtype": dtype}
     if case["kind"] not in PREPARERS:
-        raise SystemExit(f"case {case_id!r} is a {case['kind']} case, which is not profiled (kinds: {sorted(PREPARERS)})")
+        kinds = ", ".join(sorted(PREPARERS))
+        raise SystemExit(f"case {case_id!r} is a {case['kind']} case, which is not profiled (kinds: {kinds})")
     return case
 
 
 def kind_of(name: str) -> str:
     if name in MATRIX_PRODUCTS:
         return "matrix products"
-    if "cpp_fused" in name or "triton_" in name:
+    if name.startswith("aten::_scaled_dot_product"):  # SDPA's fused kernels (MHSA; STGA's per-frame spatial part)
+        return "fused attention"
+    if "cpp_fused" in name:
         return "generated kernels"
     return "everything else"
 
 
 def profile_case(case: dict, steps: int):
     """Per-step rows `(milliseconds, calls, flops, name, input shapes)` of the case's operators, by self time."""
-    device = case["device"]
     # Inductor's kernels appear in the profile under their own names only with this set before they are compiled.
-    torch._inductor.config.cpp.enable_kernel_profile = True
-    on_cuda = torch.device(device).type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_cuda else [])
-    with attention_kernels(case):
-        run = PREPARERS[case["kind"]](case)
-        for _ in range(warmup_runs(case)):
+    inductor_config.cpp.enable_kernel_profile = True
+    run = PREPARERS[case["kind"]](case)
+    for _ in range(warmup_runs(case)):
+        run()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as profiler:
+        for _ in range(steps):
             run()
-        synchronize(device)
-        with profile(activities=activities, record_shapes=True, with_flops=True) as profiler:
-            for _ in range(steps):
-                run()
-            synchronize(device)
-    rows = []
-    for event in profiler.key_averages(group_by_input_shape=True):
-        microseconds = event.self_device_time_total if on_cuda else event.self_cpu_time_total
-        if microseconds > 0:
-            rows.append((microseconds / 1e3 / steps, event.count / steps, event.flops / steps, event.key,
-                         str(event.input_shapes)))
+    rows = [
+        (event.self_cpu_time_total / 1e3 / steps, event.count / steps, event.flops / steps, event.key,
+         str(event.input_shapes))
+        for event in profiler.key_averages(group_by_input_shape=True)
+        if event.self_cpu_time_total > 0
+    ]
     return sorted(rows, reverse=True)
 
 
 def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str:
     total = sum(row[0] for row in rows)
     lines = [
-        f"{case['id']} ({case['dtype']}, {case['device']}): {total:.2f} ms of operator self time per step "
+        f"{case['id']} ({case['dtype']}, cpu): {total:.2f} ms of operator self time per step "
         f"under the profiler",
         "",
         "| ms / step | share | calls / step | GFLOP/s | operator | input shapes |",
@@ -91,9 +90,9 @@ def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str
         shares[kind_of(name)][0] += milliseconds
         shares[kind_of(name)][1] += flops if name in MATRIX_PRODUCTS else 0.0
     lines.append("")
-    for kind in ("matrix products", "generated kernels", "everything else"):
+    for kind in ("matrix products", "fused attention", "generated kernels", "everything else"):
         milliseconds, flops = shares[kind]
-        line = f"- {kind}: {milliseconds:.2f} ms per step ({milliseconds / total:.1%})" if total else f"- {kind}: -"
+        line = f"- {kind}: {milliseconds:.2f} ms per step ({milliseconds / total:.1%})"
         if flops and milliseconds:
             rate = flops / (milliseconds / 1e3)
             line += f", {rate / 1e9:.1f} GFLOP/s = {rate / peak_flops_per_s:.1%} of the measured matmul peak"
@@ -105,7 +104,6 @@ def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("case", help="a case id of the suite (python -m benchmarks --list)")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--steps", type=int, default=10, help="profiled steps (after the case's warm-up runs)")
     parser.add_argument("--rows", type=int, default=20, help="operators listed")
@@ -113,10 +111,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    case = find_case(args.case, args.device, args.dtype)
+    case = find_case(args.case, args.dtype)
     rows = profile_case(case, args.steps)
-    sizes = (2048,) if torch.device(args.device).type == "cpu" else (8192,)
-    peak = matmul_peak(args.device, dtype_of(case), sizes)["flops_per_s"]
+    peak = matmul_peak("cpu", dtype_of(case), sizes=(2048,))["flops_per_s"]
     print(format_profile(case, rows, peak, args.rows))
 
 

@@ -50,7 +50,7 @@ def test_profile_splits_a_step_into_matrix_products_and_the_rest(capsys):
     assert "| aten::bmm | [[4, 144, 144], [4, 144, 960]" in out
     shares = [line for line in out.splitlines() if line.startswith("- ")]
     assert [line.split(":")[0] for line in shares] == [
-        "- matrix products", "- generated kernels", "- everything else", "- measured matmul peak"
+        "- matrix products", "- fused attention", "- generated kernels", "- everything else", "- measured matmul peak"
     ]
     assert "of the measured matmul peak" in shares[0]
 
@@ -58,5 +58,7 @@ def test_profile_splits_a_step_into_matrix_products_and_the_rest(capsys):
 def test_profile_names_cases_like_an_unknown_one():
     with pytest.raises(SystemExit, match="cases like it: attention/dstga/T30-48px/fwd/fast"):
         profile_main(["attention/dstga/T30-48px/fwd/fas"])
+    with pytest.raises(SystemExit, match="no case 'nothing/alike'; python -m benchmarks --list names them"):
+        profile_main(["nothing/alike"])
     with pytest.raises(SystemExit, match="a layout_memory case, which is not profiled"):
         profile_main(["layout_memory/M-M-M-M/B2-T3-256px/fwdbwd/fast"])
