@@ -54,14 +54,15 @@ def kind_of(name: str) -> str:
 
 def profile_case(case: dict, steps: int):
     """Per-step rows `(milliseconds, calls, flops, name, input shapes)` of the case's operators, by self time."""
-    # Inductor's kernels appear in the profile under their own names only with this set before they are compiled.
-    inductor_config.cpp.enable_kernel_profile = True
-    run = PREPARERS[case["kind"]](case)
-    for _ in range(warmup_runs(case)):
-        run()
-    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as profiler:
-        for _ in range(steps):
+    # Inductor's kernels appear in the profile under their own names only with this set while they are compiled
+    # (the warm-up runs); set for this case only, not for whatever the process compiles afterwards.
+    with inductor_config.patch("cpp.enable_kernel_profile", True):
+        run = PREPARERS[case["kind"]](case)
+        for _ in range(warmup_runs(case)):
             run()
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as profiler:
+            for _ in range(steps):
+                run()
     rows = [
         (event.self_cpu_time_total / 1e3 / steps, event.count / steps, event.flops / steps, event.key,
          str(event.input_shapes))
@@ -81,19 +82,19 @@ def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str
         "|---|---|---|---|---|---|",
     ]
     for milliseconds, calls, flops, name, shapes in rows[:limit]:
-        rate = f"{flops / milliseconds / 1e6:.1f}" if flops and name in MATRIX_PRODUCTS else ""
+        rate = f"{flops / milliseconds / 1e6:.1f}" if flops and kind_of(name) == "matrix products" else ""
         lines.append(
             f"| {milliseconds:.3f} | {milliseconds / total:.1%} | {calls:g} | {rate} | {name[:70]} | {shapes[:90]} |"
         )
     shares = defaultdict(lambda: [0.0, 0.0])
     for milliseconds, _, flops, name, _ in rows:
         shares[kind_of(name)][0] += milliseconds
-        shares[kind_of(name)][1] += flops if name in MATRIX_PRODUCTS else 0.0
+        shares[kind_of(name)][1] += flops
     lines.append("")
     for kind in ("matrix products", "fused attention", "generated kernels", "everything else"):
         milliseconds, flops = shares[kind]
         line = f"- {kind}: {milliseconds:.2f} ms per step ({milliseconds / total:.1%})"
-        if flops and milliseconds:
+        if kind == "matrix products" and flops and milliseconds:
             rate = flops / (milliseconds / 1e3)
             line += f", {rate / 1e9:.1f} GFLOP/s = {rate / peak_flops_per_s:.1%} of the measured matmul peak"
         lines.append(line)
