@@ -110,6 +110,8 @@ def main(argv=None) -> None:
     parser.add_argument("--rows", type=int, default=20, help="operators listed")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.rows < 1:
+        parser.error(f"--steps and --rows must be at least 1 (got --steps {args.steps}, --rows {args.rows})")
     if args.threads:
         torch.set_num_threads(args.threads)
     case = find_case(args.case, args.dtype)

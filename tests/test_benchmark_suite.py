@@ -62,3 +62,9 @@ def test_profile_names_cases_like_an_unknown_one():
         profile_main(["nothing/alike"])
     with pytest.raises(SystemExit, match="a layout_memory case, which is not profiled"):
         profile_main(["layout_memory/M-M-M-M/B2-T3-256px/fwdbwd/fast"])
+
+
+def test_profile_refuses_no_steps(capsys):
+    with pytest.raises(SystemExit):
+        profile_main(["attention/dstga/T30-48px/fwd/fast", "--steps", "0"])
+    assert "--steps and --rows must be at least 1 (got --steps 0, --rows 20)" in capsys.readouterr().err
