@@ -43,6 +43,20 @@ def time_runs(
     return times
 
 
+def alternate_runs(functions: dict, repeats: int) -> dict:
+    """Seconds of `repeats` runs of each function, run alternately (after one warm-up each), so that load drifts on
+    a shared machine hit all of them alike."""
+    for function in functions.values():
+        function()
+    times = {name: [] for name in functions}
+    for _ in range(repeats):
+        for name, function in functions.items():
+            start = time.perf_counter()
+            function()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
 def _proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         for line in status:

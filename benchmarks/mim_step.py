@@ -20,7 +20,6 @@ import datetime
 import json
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -28,21 +27,7 @@ import torch
 from timo_hf import TiMoConfig, TiMoForMaskedImageModeling, TiMoModel
 from timo_hf.flops import count_flops
 
-from .common import load_average, machine_info, matmul_peak
-
-
-def alternate_runs(functions: dict, repeats: int) -> dict:
-    """Seconds of `repeats` runs of each function, run alternately (after one warm-up each), so that load drifts on
-    a shared machine hit all of them alike."""
-    for function in functions.values():
-        function()
-    times = {name: [] for name in functions}
-    for _ in range(repeats):
-        for name, function in functions.items():
-            start = time.perf_counter()
-            function()
-            times[name].append(time.perf_counter() - start)
-    return times
+from .common import alternate_runs, load_average, machine_info, matmul_peak
 
 
 def write_markdown(path: str, lines: list[str], results: dict, argv) -> None:

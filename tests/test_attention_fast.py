@@ -20,7 +20,7 @@ from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 from .conftest import config_from_official, load_golden
 
 
-FRAME_COUNTS = (1, 2, 3, 4, 12, 30)
+FRAME_COUNTS = (1, 2, 3, 4, 7, 12, 30)  # 7 and 30: keys and values padded on CPU (`key_frames`)
 DEVICE = torch.device(os.environ.get("TIMO_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda":  # the tolerances below are float32's: no TF32 in convolutions or matrix products
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -161,9 +161,11 @@ def test_dstga_offset_branch_gradients_fp64(frames):
 
 
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
-def test_fast_kernels_gradcheck(attention):
-    """Finite differences: guards against a dropped gradient term (e.g. through a kernel's log-sum-exp)."""
-    (query, key, value), offset, _ = module_layout_inputs(1, 1, 3, 4, 3, dtype=torch.float64)
+@pytest.mark.parametrize("frames", [3, 6])
+def test_fast_kernels_gradcheck(attention, frames):
+    """Finite differences: guards against a dropped gradient term (e.g. through a kernel's log-sum-exp); with 6
+    frames the keys and values are padded on CPU."""
+    (query, key, value), offset, _ = module_layout_inputs(1, 1, frames, 4, 3, dtype=torch.float64)
     if attention == "stga":
         assert torch.autograd.gradcheck(stga_fast, (query, key, value), fast_mode=True)
     else:
@@ -176,7 +178,7 @@ def test_fast_kernels_gradcheck(attention):
 
 
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
-@pytest.mark.parametrize("frames", [1, 3])
+@pytest.mark.parametrize("frames", [1, 3, 7])
 def test_portable_blocked_kernel_matches_reference(attention, frames, monkeypatch):
     """The device-independent kernel (used off CPU), with row blocks smaller than a frame."""
     monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
@@ -188,6 +190,16 @@ def test_portable_blocked_kernel_matches_reference(attention, frames, monkeypatc
     assert relative_error(actual, expected) <= 1e-5
     for got, want in zip(actual_grads[:3], expected_grads[:3]):
         assert relative_error(got, want) <= 1e-5
+
+
+def test_keys_are_padded_to_whole_vectors_of_frames_on_cpu_only():
+    """Up to two zero frames, where they make the frame count a multiple of 8; never for a few frames (unrolled
+    products) nor off CPU."""
+    cpu = torch.device("cpu")
+    assert [attention_fast.key_frames(frames, cpu) for frames in (3, 6, 7, 8, 12, 14, 29, 30, 31)] == [
+        3, 8, 8, 8, 12, 16, 29, 32, 32
+    ]
+    assert attention_fast.key_frames(30, torch.device("meta")) == 30
 
 
 class LargestTensor(torch.utils._python_dispatch.TorchDispatchMode):

@@ -7,6 +7,7 @@ import pytest
 
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.profile import main as profile_main
+from benchmarks.temporal_products import main as temporal_products_main
 
 
 def test_a_failing_case_is_recorded_and_the_run_goes_on():
@@ -68,3 +69,12 @@ def test_profile_refuses_no_steps(capsys):
     with pytest.raises(SystemExit):
         profile_main(["attention/dstga/T30-48px/fwd/fast", "--steps", "0"])
     assert "--steps and --rows must be at least 1 (got --steps 0, --rows 20)" in capsys.readouterr().err
+
+
+def test_temporal_products_times_both_widths_and_names_the_kernels_choice(capsys):
+    rows = temporal_products_main(["--frames", "7", "12", "--tokens", "4", "--repeats", "2"])
+    assert [(row["frames"], row["padded_frames"], row["chosen"]) for row in rows] == [(7, 8, True), (12, 16, False)]
+    assert all(row["unpadded_ms"] > 0 and row["padded_ms"] > 0 for row in rows)
+    assert "| 7 | 8 | yes |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        temporal_products_main(["--frames", "0"])

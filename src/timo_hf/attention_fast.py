@@ -17,6 +17,9 @@ same joint softmax, no scaling) without ever holding the `[T, N, T + N]` logits 
   attention backward through its row term `sum(grad * out)` computed with the merged output, which is why the
   spatial kernel's own log-sum-exp output never needs a gradient.
 
+On CPU the keys' and values' token copies for the temporal part carry up to two zero frames (`key_frames`), so that
+the per-token products write rows a whole number of 8-float vectors wide; the padded frames get zero weight.
+
 Inputs of any floating dtype work; the softmax statistics are kept in float32 (float64 for float64 inputs) and
 autocast is suspended inside the kernels, which compute in the dtype of their inputs.
 """
@@ -39,6 +42,11 @@ KEEP_COPIES_ELEMENTS = 1 << 20
 MAX_NETWORK_FRAMES = 32
 # The portable spatial kernel works with base-2 logits `log2(e) q.k`: `exp2` costs about half of `exp` on CPU.
 LOG2_E = 1.4426950408889634
+# On CPU the keys' and values' token copies get up to this many zero frames, so that the per-token temporal products
+# write rows a whole number of `FRAME_ALIGNMENT` floats wide: MKL's batched products of small matrices are markedly
+# slower otherwise (`benchmarks/temporal_products.py` measures it).
+MAX_PADDING_FRAMES = 2
+FRAME_ALIGNMENT = 8
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -302,9 +310,27 @@ def spatial_attention_backward(
 # are one batched product of contiguous `[T, d]` matrices.
 
 
-def _by_token(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`[B, h, T, N, d]` (any strides) -> contiguous `[B, h, N, T, d]` in `dtype`."""
-    return tensor.transpose(2, 3).contiguous().to(dtype)
+def key_frames(frames: int, device: torch.device) -> int:
+    """How many frames the keys' and values' token copies hold: `frames`, plus up to `MAX_PADDING_FRAMES` zero
+    frames on CPU where that makes the count a multiple of `FRAME_ALIGNMENT`."""
+    aligned = -(-frames // FRAME_ALIGNMENT) * FRAME_ALIGNMENT
+    if device.type == "cpu" and frames > SMALL_FRAMES and aligned - frames <= MAX_PADDING_FRAMES:
+        return aligned
+    return frames
+
+
+def _pad_frames(tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """Token layout `[..., T, d]` -> `[..., frames, d]` (contiguous where padded), the frames past `T` zero."""
+    padding = frames - tokens.shape[-2]
+    return torch.nn.functional.pad(tokens, (0, 0, 0, padding)) if padding else tokens
+
+
+def _by_token(tensor: torch.Tensor, dtype: torch.dtype, frames: int | None = None) -> torch.Tensor:
+    """`[B, h, T, N, d]` (any strides) -> contiguous `[B, h, N, frames, d]` in `dtype`, the frames past `T` zero."""
+    tokens = tensor.transpose(2, 3)
+    if frames is None or frames == tensor.shape[2]:
+        return tokens.contiguous().to(dtype)
+    return _pad_frames(tokens.to(dtype), frames)
 
 
 def _by_frame(tensor: torch.Tensor) -> torch.Tensor:
@@ -313,15 +339,17 @@ def _by_frame(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
-    """Joint log-sum-exp `[B, h, N, T]`, spatial share `exp(lse_S - lse)` and temporal weights `[B, h, N, T, T]`.
+    """Joint log-sum-exp `[B, h, N, T]`, spatial share `exp(lse_S - lse)` and temporal weights `[B, h, N, T, Tk]`.
 
-    `query`, `key` in token layout; each query's own frame is left out of its temporal logits (as the -inf mask of
-    the reference).
+    `query`, `key` in token layout, the keys possibly padded with zero frames to `Tk` (`key_frames`); each query's
+    own frame (as the -inf mask of the reference) and the padding are left out of its temporal logits: their
+    weights are 0.
     """
-    frames = query.shape[-2]
-    # The own frame is masked by adding -inf on the diagonal (a boolean mask is slow in compiled CPU code).
-    own_frame = torch.zeros(frames, frames, dtype=query.dtype, device=query.device).fill_diagonal_(float("-inf"))
-    logits = torch.matmul(query, key.transpose(-1, -2)).add_(own_frame)
+    frames, padded = query.shape[-2], key.shape[-2]
+    # Masked by adding -inf (a boolean mask is slow in compiled CPU code).
+    excluded = torch.zeros(frames, padded, dtype=query.dtype, device=query.device).fill_diagonal_(float("-inf"))
+    excluded[:, frames:] = float("-inf")
+    logits = torch.matmul(query, key.transpose(-1, -2)).add_(excluded)
     # Fewer passes than `logsumexp` and then `exp(logits - lse)`: the weights `exp(logits - peak)` are rescaled. The
     # peak is kept finite so that a query without temporal logits (T = 1) gets zero weights, not NaN.
     peak = logits.amax(-1).clamp_min_(torch.finfo(logits.dtype).min)
@@ -331,12 +359,14 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
 
 
 def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
-    """`spatial_share * spatial_out + temporal_weights @ value(same token)` (token layout in) as `[B, h, T, N, d]`
-    stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of it."""
-    batch, heads, tokens, frames, head_dim = value.shape
+    """`spatial_share * spatial_out + temporal_weights @ value(same token)` (token layout in, values possibly padded)
+    as `[B, h, T, N, d]` stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of
+    it."""
+    batch, heads, tokens, frames, head_dim = spatial_out.shape
     stored = value.new_empty((batch, frames, tokens, heads, head_dim), dtype=dtype)
     target = stored.permute(0, 3, 2, 1, 4)
-    temporal, spatial_share = _frames_product(temporal_weights, value), spatial_share.unsqueeze(-1)
+    temporal = _frames_product(temporal_weights[..., :frames], value[..., :frames, :])
+    spatial_share = spatial_share.unsqueeze(-1)
     if torch.compiler.is_compiling():  # Dynamo refuses a strided `out=`; compiled code fuses the copy anyway
         target.copy_(torch.addcmul(temporal, spatial_share, spatial_out))
     else:  # written in place of the permuted copy: one pass fewer over the output
@@ -368,12 +398,22 @@ def _frames_product(weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor
 
 
 def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
-    """Gradients of the temporal part of the joint softmax (token layout, statistics dtype)."""
+    """Gradients of the temporal part of the joint softmax (token layout, statistics dtype; keys and values possibly
+    padded as in `_merge`, their gradients not)."""
+    frames = query.shape[-2]
     grad_logits = torch.matmul(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
+    # The padded frames' weights, hence their logits' gradients, are 0: the remaining products leave them out.
+    grad_logits, temporal_weights, key = grad_logits[..., :frames], temporal_weights[..., :frames], key[..., :frames, :]
     grad_query = _frames_product(grad_logits, key)
     grad_key = _frames_product(grad_logits.transpose(-1, -2), query)
     grad_value = _frames_product(temporal_weights.transpose(-1, -2), grad)
     return grad_query, grad_key, grad_value
+
+
+def _stga_token_copies(query, key, value, dtype):
+    """STGA's queries, keys and values in token layout, the keys and values padded to `key_frames` frames."""
+    frames = key_frames(query.shape[2], query.device)
+    return _by_token(query, dtype), _by_token(key, dtype, frames), _by_token(value, dtype, frames)
 
 
 class _STGAFunction(torch.autograd.Function):
@@ -389,7 +429,7 @@ class _STGAFunction(torch.autograd.Function):
             spatial_out, spatial_lse = spatial_attention_forward(per_frame(query), per_frame(key), per_frame(value))
             spatial_out = spatial_out.view(batch, frames, heads, tokens, head_dim).permute(0, 2, 3, 1, 4)
             spatial_lse = spatial_lse.view(batch, frames, heads, tokens).permute(0, 2, 3, 1)
-            tokens_qkv = tuple(_by_token(tensor, stats) for tensor in (query, key, value))
+            tokens_qkv = _stga_token_copies(query, key, value, stats)
             lse, spatial_share, temporal_weights = _merge(spatial_lse, *tokens_qkv[:2])
             output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, tokens_qkv[2], query.dtype)
         ctx.keep_copies = _keep_copies(query)
@@ -407,7 +447,7 @@ class _STGAFunction(torch.autograd.Function):
                 return tensor.transpose(1, 2).reshape(batch * frames, heads, tokens, tensor.shape[-1])
 
             if not ctx.keep_copies:
-                tokens_qkv = [_by_token(tensor, stats) for tensor in (query, key, value)]
+                tokens_qkv = _stga_token_copies(query, key, value, stats)
             grads_t = _temporal_backward(
                 _by_token(grad_output, stats), *tokens_qkv, temporal_weights, _row_term(grad_output, output, stats)
             )
@@ -428,6 +468,13 @@ class _STGAFunction(torch.autograd.Function):
             )
 
 
+def _packed_frames(value_tokens: torch.Tensor, frames: int) -> torch.Tensor:
+    """The first `frames` frames of (possibly padded) token-layout values side by side per token, `[B, h, N, T*d]`
+    (a view: the rows keep the padded stride)."""
+    batch, heads, tokens, padded, head_dim = value_tokens.shape
+    return value_tokens.view(batch, heads, tokens, padded * head_dim)[..., : frames * head_dim]
+
+
 class _DSTGAFunction(torch.autograd.Function):
     """D-STGA from the queries and keys in token layout (`[B, h, N, T, d]`, see `dstga_fast_with_offset`) and the
     values in frame layout."""
@@ -437,10 +484,12 @@ class _DSTGAFunction(torch.autograd.Function):
         with _no_autocast(value):
             batch, heads, frames, tokens, head_dim = value.shape
             stats = _statistics_dtype(value.dtype)
+            padded = key_frames(frames, value.device)
+            value_tokens = _by_token(value, value.dtype, padded)
+            key_tokens = _pad_frames(key_tokens, padded)
             # Values of all frames side by side per token: the shared weights apply to all of them in one product.
-            value_tokens = _by_token(value, value.dtype)
             shared_out, shared_lse = spatial_attention_forward(
-                query_median, key_median, value_tokens.view(batch, heads, tokens, frames * head_dim)
+                query_median, key_median, _packed_frames(value_tokens, frames)
             )
             spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
             spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
@@ -466,19 +515,21 @@ class _DSTGAFunction(torch.autograd.Function):
         with _no_autocast(output):
             batch, heads, frames, tokens, head_dim = output.shape
             stats = _statistics_dtype(value_dtype)
-            value_tokens = value if ctx.keep_copies else _by_token(value, value_dtype)
+            padded = key_tokens.shape[-2]
+            value_tokens = value if ctx.keep_copies else _by_token(value, value_dtype, padded)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
             grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
             # The shared softmax sees every frame's gradient scaled by that frame's spatial share; its row term is
             # the share-weighted sum of the frames' row terms.
             packed = (batch, heads, tokens, frames * head_dim)
-            use_output = _use_cpu_flash(query_median, value_tokens.view(packed))
+            packed_values = _packed_frames(value_tokens, frames)
+            use_output = _use_cpu_flash(query_median, packed_values)
             grad_query_median, grad_key_median, grad_value_tokens = spatial_attention_backward(
                 (grad * spatial_share.unsqueeze(-1)).reshape(packed).to(value_dtype),
                 query_median,
                 key_median,
-                value_tokens.view(packed),
+                packed_values,
                 _by_token(output, value_dtype).view(packed) if use_output else None,
                 shared_lse,
                 row_term=None if use_output else (spatial_share * row_term).sum(-1),
