@@ -571,11 +571,14 @@ def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
     if torch.compiler.is_compiling():  # compiled code fuses the copies and the median networks anyway
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
         query_tokens, key_tokens = _token_copies(query, key)
+        # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there
+        # instead of saving it.
+        offset = query_offset(_by_frame(query_tokens), query_median)
     else:  # one copy, in token layout, serves both medians (one median network) and the temporal logits
         query_key = torch.stack([query.transpose(2, 3), key.transpose(2, 3)])
         query_median, key_median = temporal_median_fast(query_key, dim=4).unbind(0)
         query_tokens, key_tokens = query_key.unbind(0)
-    offset = query_offset(query, query_median)
+        offset = query_offset(query, query_median)
     return _DSTGAFunction.apply(query_tokens, key_tokens, value, offset, query_median, key_median)
 
 
