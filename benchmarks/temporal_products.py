@@ -7,8 +7,8 @@ The temporal part of STGA / D-STGA runs one small matrix product per token and h
 block per token: the temporal logits `q k^T` (forward) and their gradient's `grad v^T` (backward). With the keys and
 values padded by zero frames to `key_frames(T)` frames, those blocks are `T x key_frames(T)` wide instead. This
 script times both products both ways, alternately in one process, and prints the medians and their ratios (above 1:
-padding pays). Frame counts that `key_frames` leaves alone are timed too, padded to the next multiple of
-`FRAME_ALIGNMENT`, to show what padding them would cost.
+padding pays). Frame counts that `key_frames` leaves alone (pass them with `--frames`; the default list holds only
+padded ones) are timed padded to the next multiple of `FRAME_ALIGNMENT`, to show what padding them would gain.
 """
 
 import argparse
@@ -44,8 +44,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--head-dim", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=100)
     args = parser.parse_args(argv)
-    if min(args.frames) < 1 or args.repeats < 1:
-        parser.error("--frames and --repeats must be at least 1")
+    if min(*args.frames, args.tokens, args.heads, args.head_dim, args.repeats) < 1:
+        parser.error("--frames, --tokens, --heads, --head-dim and --repeats must be at least 1")
     machine = machine_info("cpu")
     print(f"{machine.get('cpu', 'CPU')}, {machine['torch_threads']} threads, torch {machine['torch']}")
     print(f"per-token products [{args.heads * args.tokens}, T, {args.head_dim}] x [{args.head_dim}, K], "

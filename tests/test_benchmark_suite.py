@@ -76,5 +76,7 @@ def test_temporal_products_times_both_widths_and_names_the_kernels_choice(capsys
     assert [(row["frames"], row["padded_frames"], row["chosen"]) for row in rows] == [(7, 8, True), (12, 16, False)]
     assert all(row["unpadded_ms"] > 0 and row["padded_ms"] > 0 for row in rows)
     assert "| 7 | 8 | yes |" in capsys.readouterr().out
-    with pytest.raises(SystemExit):
-        temporal_products_main(["--frames", "0"])
+    for bad in (["--frames", "0"], ["--head-dim", "0"]):
+        with pytest.raises(SystemExit):
+            temporal_products_main(bad)
+    assert "--head-dim and --repeats must be at least 1" in capsys.readouterr().err
