@@ -160,6 +160,49 @@ def test_dstga_offset_branch_gradients_fp64(frames):
         assert (actual - expected).abs().max() <= 1e-10 * expected.abs().max() + 1e-14, name
 
 
+def projection_layout_inputs(frames, ties, batch=2, heads=2, tokens=9, head_dim=4):
+    """float64 projections `[B, T*N, C]` and `[B, T*N, 2C]` (leaves) and the views TiMoAttention hands the D-STGA
+    kernels: queries `[B, h, T, N, d]` and keys and values packed as `[2, B, h, T, N, d]`. With `ties`, the last
+    frame repeats the first one, so that medians are tied between frames."""
+    generator = torch.Generator().manual_seed(frames)
+    length, dim = frames * tokens, heads * head_dim
+    query_projection = torch.randn(batch, frames, tokens, dim, generator=generator, dtype=torch.float64)
+    key_value_projection = torch.randn(batch, frames, tokens, 2 * dim, generator=generator, dtype=torch.float64)
+    if ties:
+        query_projection[:, -1], key_value_projection[:, -1] = query_projection[:, 0], key_value_projection[:, 0]
+    query_projection = query_projection.view(batch, length, dim).to(DEVICE).requires_grad_()
+    key_value_projection = key_value_projection.view(batch, length, 2 * dim).to(DEVICE).requires_grad_()
+    shape = (batch, heads, frames, tokens, head_dim)
+    query = query_projection.view(batch, length, heads, head_dim).transpose(1, 2).reshape(shape)
+    key_value = key_value_projection.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+    return (query_projection, key_value_projection), query, key_value.reshape(2, *shape)
+
+
+@pytest.mark.parametrize("frames", FRAME_COUNTS)
+@pytest.mark.parametrize("ties", [False, True])
+def test_dstga_from_the_projections_matches(frames, ties):
+    """TiMoAttention's D-STGA call (`dstga_with_offset`, whose fast form writes the projections' gradients itself,
+    the medians' shares included) gives the reference's output and projection gradients; with tied medians, where
+    `torch.median` may route a gradient to any of the tied frames, the fast kernels composed from their parts (whose
+    median sends it to the first, see the tests above)."""
+    torch.manual_seed(0)
+    query_offset = TiMoQueryOffset(4).to(DEVICE).double()
+    projections, query, key_value = projection_layout_inputs(frames, ties)
+    grad = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+
+    def composed(query, key_value, query_offset):
+        median = temporal_median_fast(query)
+        return dstga_fast(query, *key_value.unbind(0), query_offset(query, median), median)
+
+    expected_kernel = composed if ties else STGA_IMPLEMENTATIONS["reference"].dstga_with_offset
+    results = []
+    for kernel in (expected_kernel, STGA_IMPLEMENTATIONS["fast"].dstga_with_offset):
+        output = kernel(query, key_value, query_offset)
+        results.append((output, *torch.autograd.grad(output, projections, grad)))
+    for name, actual, expected in zip(("output", "query grad", "key/value grad"), results[1], results[0]):
+        assert relative_error(actual, expected) <= 1e-12, name
+
+
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
 @pytest.mark.parametrize("frames", [3, 6])
 def test_fast_kernels_gradcheck(attention, frames):
@@ -183,7 +226,7 @@ def test_portable_blocked_kernel_matches_reference(attention, frames, monkeypatc
     """The device-independent kernel (used off CPU), with row blocks smaller than a frame."""
     monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
     monkeypatch.setattr(attention_fast, "BLOCK_ELEMENTS", 40)
-    monkeypatch.setattr(attention_fast, "KEEP_COPIES_ELEMENTS", 0)  # backward makes the token copies again
+    monkeypatch.setattr(attention_fast, "KEEP_COPIES_ELEMENTS", 0)  # STGA's backward makes its token copies again
     (query, key, value), offset, grad = module_layout_inputs(2, 2, frames, 12, 8)
     expected, expected_grads = run_kernels("reference", attention, query, key, value, offset, grad)
     actual, actual_grads = run_kernels("fast", attention, query, key, value, offset, grad)

@@ -20,6 +20,10 @@ same joint softmax, no scaling) without ever holding the `[T, N, T + N]` logits 
 On CPU the keys' and values' token copies for the temporal part carry up to two zero frames (`key_frames`), so that
 the per-token products write rows a whole number of 8-float vectors wide; the padded frames get zero weight.
 
+In eager code, D-STGA's token copies and medians are made by one more autograd function (`_EagerInputs`) from the
+module's projections, whose backward writes the queries' and the packed keys' and values' gradients in the
+projections' own layouts.
+
 Inputs of any floating dtype work; the softmax statistics are kept in float32 (float64 for float64 inputs) and
 autocast is suspended inside the kernels, which compute in the dtype of their inputs.
 """
@@ -36,7 +40,8 @@ BLOCK_ELEMENTS = 1 << 20
 SMALL_BLOCK_ELEMENTS = 1 << 16
 # Up to this many frames, products over the frames are unrolled (tiny batched matrix products are slow on CPU).
 SMALL_FRAMES = 4
-# Backward reuses the forward's token-layout copies of q, k, v up to this many elements each (else makes them again).
+# STGA's backward reuses the forward's token-layout copies of q, k, v up to this many elements each (else makes them
+# again).
 KEEP_COPIES_ELEMENTS = 1 << 20
 # Above this many frames the temporal median falls back to `torch.median` (the sorting network grows as T log^2 T).
 MAX_NETWORK_FRAMES = 32
@@ -146,24 +151,32 @@ def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch
     return frames - matching.to(torch.uint8).mul_(reversed_frames).amax(dim).float()
 
 
+def _add_median_gradient(into: torch.Tensor, frame: torch.Tensor, grad_median: torch.Tensor, dim: int):
+    """`into` plus the median's gradient `grad_median` at the median's frame `frame` (`_median_frame`) along `dim`:
+    in place in eager code (a scatter touches only the median's elements), a new tensor in compiled code (there a
+    scatter is a slow serial loop; this fuses)."""
+    frame, grad_median = frame.unsqueeze(dim), grad_median.to(into.dtype).unsqueeze(dim)
+    if torch.compiler.is_compiling():
+        frames = torch.arange(into.shape[dim], dtype=frame.dtype, device=frame.device)
+        frames = frames.view(-1, *([1] * (into.dim() - dim - 1)))
+        return into + torch.where(frame == frames, grad_median, 0.0)
+    return into.scatter_add_(dim, frame.long(), grad_median)
+
+
 class _TemporalMedian(torch.autograd.Function):
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         dim = dim % tensor.dim()
         median = median_values(tensor, dim)
-        ctx.save_for_backward(_median_frame(tensor, median, dim))
+        # The median's frame only matters for backward (not looked for at all without autograd).
+        ctx.save_for_backward(_median_frame(tensor, median, dim) if ctx.needs_input_grad[0] else None)
         ctx.dim, ctx.shape = dim, tensor.shape
         return median
 
     @staticmethod
     def backward(ctx, grad_median: torch.Tensor):
-        (index,) = ctx.saved_tensors
-        dim, index, grad_median = ctx.dim, index.unsqueeze(ctx.dim), grad_median.unsqueeze(ctx.dim)
-        if torch.compiler.is_compiling():  # a scatter is a slow serial loop in compiled CPU code; this fuses
-            frames = torch.arange(ctx.shape[dim], dtype=index.dtype, device=index.device)
-            frames = frames.view(-1, *([1] * (len(ctx.shape) - dim - 1)))
-            return torch.where(index == frames, grad_median, 0.0), None
-        return grad_median.new_zeros(ctx.shape).scatter_(dim, index.long(), grad_median), None
+        (frame,) = ctx.saved_tensors
+        return _add_median_gradient(grad_median.new_zeros(ctx.shape), frame, grad_median, ctx.dim), None
 
 
 def temporal_median_fast(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
@@ -399,12 +412,11 @@ def _frames_product(weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor
 
 def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
     """Gradients of the temporal part of the joint softmax (token layout, statistics dtype; keys and values possibly
-    padded as in `_merge`, their gradients not)."""
+    padded as in `_merge`, and so their gradients, which are 0 on the padded frames)."""
     frames = query.shape[-2]
     grad_logits = torch.matmul(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
-    # The padded frames' weights, hence their logits' gradients, are 0: the remaining products leave them out.
-    grad_logits, temporal_weights, key = grad_logits[..., :frames], temporal_weights[..., :frames], key[..., :frames, :]
-    grad_query = _frames_product(grad_logits, key)
+    # The padded frames' weights, hence their logits' gradients, are 0.
+    grad_query = _frames_product(grad_logits[..., :frames], key[..., :frames, :])
     grad_key = _frames_product(grad_logits.transpose(-1, -2), query)
     grad_value = _frames_product(temporal_weights.transpose(-1, -2), grad)
     return grad_query, grad_key, grad_value
@@ -461,9 +473,10 @@ class _STGAFunction(torch.autograd.Function):
                 lse.permute(0, 3, 1, 2).reshape(batch * frames, heads, tokens),
             )
             return tuple(
-                (spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2) + _by_frame(temporal)).to(
-                    like.dtype
-                )
+                (
+                    spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2)
+                    + _by_frame(temporal[..., :frames, :])
+                ).to(like.dtype)
                 for spatial, temporal, like in zip(grads_s, grads_t, (query, key, value))
             )
 
@@ -476,17 +489,14 @@ def _packed_frames(value_tokens: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 class _DSTGAFunction(torch.autograd.Function):
-    """D-STGA from the queries and keys in token layout (`[B, h, N, T, d]`, see `dstga_fast_with_offset`) and the
-    values in frame layout."""
+    """D-STGA from the queries, keys and values in token layout (`[B, h, N, T, d]`; keys and values padded to
+    `key_frames`, see `dstga_fast_with_offset`), the offsets and the two medians."""
 
     @staticmethod
-    def forward(ctx, query_tokens, key_tokens, value, offset, query_median, key_median):
-        with _no_autocast(value):
-            batch, heads, frames, tokens, head_dim = value.shape
-            stats = _statistics_dtype(value.dtype)
-            padded = key_frames(frames, value.device)
-            value_tokens = _by_token(value, value.dtype, padded)
-            key_tokens = _pad_frames(key_tokens, padded)
+    def forward(ctx, query_tokens, key_tokens, value_tokens, offset, query_median, key_median):
+        with _no_autocast(value_tokens):
+            batch, heads, tokens, frames, head_dim = query_tokens.shape
+            stats = _statistics_dtype(value_tokens.dtype)
             # Values of all frames side by side per token: the shared weights apply to all of them in one product.
             shared_out, shared_lse = spatial_attention_forward(
                 query_median, key_median, _packed_frames(value_tokens, frames)
@@ -494,29 +504,25 @@ class _DSTGAFunction(torch.autograd.Function):
             spatial_out = shared_out.to(stats).view(batch, heads, tokens, frames, head_dim)
             spatial_lse = shared_lse.unsqueeze(-1) + _by_frame(offset.to(stats))
             lse, spatial_share, temporal_weights = _merge(spatial_lse, query_tokens.to(stats), key_tokens.to(stats))
-            output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), value.dtype)
-        # The values' token copy is saved only where the tensors are small (else backward makes it again: memory
-        # matters more there).
-        ctx.keep_copies = _keep_copies(value)
+            output = _combine(spatial_share, spatial_out, temporal_weights, value_tokens.to(stats), value_tokens.dtype)
         ctx.save_for_backward(
-            query_tokens, key_tokens, value_tokens if ctx.keep_copies else value, query_median, key_median, output,
-            spatial_out, shared_lse, spatial_share, temporal_weights,
+            query_tokens, key_tokens, value_tokens, query_median, key_median, output, spatial_out, shared_lse,
+            spatial_share, temporal_weights,
         )
-        ctx.dtypes = (query_tokens.dtype, key_tokens.dtype, value.dtype, offset.dtype)
+        ctx.dtypes = (query_tokens.dtype, key_tokens.dtype, offset.dtype)
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
         (
-            query_tokens, key_tokens, value, query_median, key_median, output, spatial_out, shared_lse,
+            query_tokens, key_tokens, value_tokens, query_median, key_median, output, spatial_out, shared_lse,
             spatial_share, temporal_weights,
         ) = ctx.saved_tensors
-        query_dtype, key_dtype, value_dtype, offset_dtype = ctx.dtypes
+        query_dtype, key_dtype, offset_dtype = ctx.dtypes
+        value_dtype = value_tokens.dtype
         with _no_autocast(output):
             batch, heads, frames, tokens, head_dim = output.shape
             stats = _statistics_dtype(value_dtype)
-            padded = key_tokens.shape[-2]
-            value_tokens = value if ctx.keep_copies else _by_token(value, value_dtype, padded)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
             grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
@@ -538,15 +544,65 @@ class _DSTGAFunction(torch.autograd.Function):
                 grad, query_tokens.to(stats), key_tokens.to(stats), value_tokens.to(stats), temporal_weights, row_term
             )
             del grad
-            grad_value = grad_value.add_(grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim))
+            grad_value[..., :frames, :] += grad_value_tokens.to(stats).view(batch, heads, tokens, frames, head_dim)
             return (
                 grad_query.to(query_dtype),
                 grad_key.to(key_dtype),
-                _by_frame(grad_value).to(value_dtype),
+                grad_value.to(value_dtype),
                 _by_frame(grad_offset).to(offset_dtype),
                 grad_query_median,
                 grad_key_median,
             )
+
+
+def _empty_in_layout(shape: torch.Size, strides: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor):
+    """An uninitialised dense tensor of `shape` whose dimensions are ordered in memory as `strides` order them (the
+    strides themselves where those describe a dense tensor, as `torch.empty_like` does)."""
+    order = sorted(range(len(shape)), key=lambda dim: -strides[dim])
+    tensor = like.new_empty([shape[dim] for dim in order], dtype=dtype)
+    return tensor.permute(sorted(range(len(shape)), key=order.__getitem__))
+
+
+class _EagerInputs(torch.autograd.Function):
+    """Eager D-STGA's inputs from the module's queries `[B, h, T, N, d]` and keys and values packed as
+    `[2, B, h, T, N, d]` (views of its projections): the queries' and keys' medians (one network for both, run over
+    their one token-layout copy), that copy's queries and (padded) keys, and the values' padded token copy.
+
+    Its backward writes the gradients straight into tensors laid out like the projections, the medians' shares
+    added there: autograd would otherwise stack the keys' and values' gradients and re-lay them out (two passes and
+    two allocations more), and route each median's gradient through a tensor of zeros.
+    """
+
+    @staticmethod
+    def forward(ctx, query, key_value):
+        key, value = key_value.unbind(0)
+        batch, heads, frames, tokens, head_dim = query.shape
+        padded = key_frames(frames, query.device)
+        query_key = query.new_empty((2, batch, heads, tokens, padded, head_dim))
+        unpadded = query_key[..., :frames, :]
+        unpadded[0].copy_(query.transpose(2, 3))
+        unpadded[1].copy_(key.transpose(2, 3))
+        query_key[..., frames:, :].zero_()
+        medians = median_values(unpadded, dim=4)
+        ctx.save_for_backward(_median_frame(unpadded, medians, 4) if any(ctx.needs_input_grad) else None)
+        ctx.layouts = (query.shape, query.stride(), query.dtype), (key_value.shape, key_value.stride(), key_value.dtype)
+        value_tokens = _by_token(value, value.dtype, padded)
+        return medians[0], medians[1], unpadded[0], query_key[1], value_tokens
+
+    @staticmethod
+    def backward(ctx, grad_query_median, grad_key_median, grad_query_tokens, grad_key_tokens, grad_value_tokens):
+        (median_frames,) = ctx.saved_tensors
+        query_layout, key_value_layout = ctx.layouts
+        frames = query_layout[0][2]
+        grad_query = _empty_in_layout(*query_layout, grad_query_tokens)
+        grad_query.copy_(_by_frame(grad_query_tokens))
+        grad_key_value = _empty_in_layout(*key_value_layout, grad_key_tokens)
+        grad_key_value[0].copy_(_by_frame(grad_key_tokens[..., :frames, :]))
+        grad_key_value[1].copy_(_by_frame(grad_value_tokens[..., :frames, :]))
+        # In place (eager code).
+        _add_median_gradient(grad_query, median_frames[0], grad_query_median, 2)
+        _add_median_gradient(grad_key_value[0], median_frames[1], grad_key_median, 2)
+        return grad_query, grad_key_value
 
 
 def stga_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -554,43 +610,46 @@ def stga_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> to
     return _STGAFunction.apply(query, key, value)
 
 
-def _token_copies(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The queries and keys in token layout, as `_DSTGAFunction` takes them."""
-    return _by_token(query, query.dtype), _by_token(key, key.dtype)
+def _token_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
+    """The queries, keys and values in token layout, keys and values padded to `key_frames`, as `_DSTGAFunction`
+    takes them (made by autograd-tracked operations)."""
+    padded = key_frames(query.shape[2], query.device)
+    return _by_token(query, query.dtype), _by_token(key, key.dtype, padded), _by_token(value, value.dtype, padded)
 
 
 def dstga_fast(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, offset: torch.Tensor, query_median: torch.Tensor
 ) -> torch.Tensor:
     """D-STGA, equal to `attention_timo.dstga_reference` (same arguments)."""
-    return _DSTGAFunction.apply(*_token_copies(query, key), value, offset, query_median, temporal_median_fast(key))
+    return _DSTGAFunction.apply(*_token_copies(query, key, value), offset, query_median, temporal_median_fast(key))
 
 
-def dstga_fast_with_offset(query, key, value, query_offset) -> torch.Tensor:
-    """`dstga_fast` with its offset branch `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
+def dstga_fast_with_offset(query, key_value, query_offset) -> torch.Tensor:
+    """`dstga_fast` with the keys and values packed as `[2, B, h, T, N, d]` and its offset branch
+    `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
     if torch.compiler.is_compiling():  # compiled code fuses the copies and the median networks anyway
+        key, value = key_value.unbind(0)
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
-        query_tokens, key_tokens = _token_copies(query, key)
+        query_tokens, key_tokens, value_tokens = _token_copies(query, key, value)
         # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there
         # instead of saving it.
         offset = query_offset(_by_frame(query_tokens), query_median)
-    else:  # one copy, in token layout, serves both medians (one median network) and the temporal logits
-        query_key = torch.stack([query.transpose(2, 3), key.transpose(2, 3)])
-        query_median, key_median = temporal_median_fast(query_key, dim=4).unbind(0)
-        query_tokens, key_tokens = query_key.unbind(0)
+    else:
+        query_median, key_median, query_tokens, key_tokens, value_tokens = _EagerInputs.apply(query, key_value)
         offset = query_offset(query, query_median)
-    return _DSTGAFunction.apply(query_tokens, key_tokens, value, offset, query_median, key_median)
+    return _DSTGAFunction.apply(query_tokens, key_tokens, value_tokens, offset, query_median, key_median)
 
 
-def dstga_reference_with_offset(query, key, value, query_offset) -> torch.Tensor:
-    """`attention_timo.dstga_reference` with its offset branch `query_offset(query, query_median) -> offset`."""
+def dstga_reference_with_offset(query, key_value, query_offset) -> torch.Tensor:
+    """`attention_timo.dstga_reference` with the keys and values packed as `[2, B, h, T, N, d]` and its offset
+    branch `query_offset(query, query_median) -> offset`."""
     query_median = temporal_median(query)
-    return dstga_reference(query, key, value, query_offset(query, query_median), query_median)
+    return dstga_reference(query, *key_value.unbind(0), query_offset(query, query_median), query_median)
 
 
 class StgaKernels:
     """The kernels of one `stga_implementation`: `median(x)`, `stga(q, k, v)`, `dstga(q, k, v, offset, q_median)`
-    and `dstga_with_offset(q, k, v, query_offset)` (what TiMoAttention calls)."""
+    and `dstga_with_offset(q, key_value, query_offset)` (what TiMoAttention calls)."""
 
     def __init__(self, median, stga, dstga, dstga_with_offset):
         self.median, self.stga, self.dstga, self.dstga_with_offset = median, stga, dstga, dstga_with_offset

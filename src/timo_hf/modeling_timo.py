@@ -267,22 +267,23 @@ class TiMoAttention(nn.Module):
         `[B, T*N, C]` (the output projection's input) out."""
         batch_size, length, dim = query.shape
         query = query.view(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
-        key, value = (
-            key_value.view(batch_size, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-        )
+        # [2, B, heads, T*N, head_dim]: a view of the projection.
+        key_value = key_value.view(batch_size, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.attention_type == "mhsa":
+            key, value = key_value.unbind(0)
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
             output, _ = attention_interface(self, query, key, value, None, scaling=self.scaling, dropout=0.0)
         else:
             frames = (batch_size, self.num_heads, num_frames, length // num_frames, self.head_dim)
-            query, key, value = query.reshape(frames), key.reshape(frames), value.reshape(frames)
+            query, key_value = query.reshape(frames), key_value.reshape(2, *frames)
             kernels = STGA_IMPLEMENTATIONS[self.config.stga_implementation]
             if self.attention_type == "stga":
-                output = kernels.stga(query, key, value)
+                output = kernels.stga(query, *key_value.unbind(0))
             else:
-                output = kernels.dstga_with_offset(query, key, value, self.query_offset)
+                # Packed: the fast kernel writes the keys' and values' gradient in the projection's layout at once.
+                output = kernels.dstga_with_offset(query, key_value, self.query_offset)
             # The fast kernels store their output token-major: this is a view of it.
             output = output.flatten(2, 3).transpose(1, 2)
         return output.reshape(batch_size, length, dim)
