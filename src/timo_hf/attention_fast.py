@@ -138,8 +138,8 @@ def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch
 
     The largest of the matching frames' reversed numbers, not `argmax` (slow over a non-last dimension). A reduction
     also keeps compiled code from recomputing the frame in backward (it would redo an element-wise chain once per
-    frame of the gradient). Eager code counts in bytes (a quarter of the memory traffic); compiled CPU code is
-    slow with integer tensors, so it counts in float32.
+    frame of the gradient). Eager code counts in bytes, in place of the comparison's booleans (a quarter of the
+    memory traffic); compiled CPU code is slow with integer tensors, so it counts in float32.
     """
     frames = tensor.shape[dim]
     shape = (-1,) + (1,) * (tensor.dim() - dim - 1)
@@ -148,7 +148,7 @@ def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch
         reversed_frames = torch.arange(frames, 0, -1, dtype=torch.float32, device=tensor.device).view(shape)
         return frames - torch.where(matching, reversed_frames, 0.0).amax(dim)
     reversed_frames = torch.arange(frames, 0, -1, dtype=torch.uint8, device=tensor.device).view(shape)
-    return frames - matching.to(torch.uint8).mul_(reversed_frames).amax(dim).float()
+    return frames - matching.view(torch.uint8).mul_(reversed_frames).amax(dim).float()
 
 
 def _add_median_gradient(into: torch.Tensor, frame: torch.Tensor, grad_median: torch.Tensor, dim: int):
@@ -565,8 +565,8 @@ def _empty_in_layout(shape: torch.Size, strides: tuple[int, ...], dtype: torch.d
 
 class _EagerInputs(torch.autograd.Function):
     """Eager D-STGA's inputs from the module's queries `[B, h, T, N, d]` and keys and values packed as
-    `[2, B, h, T, N, d]` (views of its projections): the queries' and keys' medians (one network for both, run over
-    their one token-layout copy), that copy's queries and (padded) keys, and the values' padded token copy.
+    `[2, B, h, T, N, d]` (views of its projections): the queries' and keys' medians (one network for both), one
+    token-layout copy of the queries and (padded) keys, and the values' padded token copy.
 
     Its backward writes the gradients straight into tensors laid out like the projections, the medians' shares
     added there: autograd would otherwise stack the keys' and values' gradients and re-lay them out (two passes and
@@ -578,13 +578,16 @@ class _EagerInputs(torch.autograd.Function):
         key, value = key_value.unbind(0)
         batch, heads, frames, tokens, head_dim = query.shape
         padded = key_frames(frames, query.device)
+        # Frame-major first, `[T, 2, B, N, h, d]`: there each wire of the median network is one contiguous block.
+        frame_major = torch.stack([query.permute(2, 0, 3, 1, 4), key.permute(2, 0, 3, 1, 4)], dim=1)
+        medians = median_values(frame_major, dim=0)
+        median_frames = _median_frame(frame_major, medians, 0) if any(ctx.needs_input_grad) else None
+        medians = medians.transpose(2, 3)  # [2, B, h, N, d]
+        ctx.save_for_backward(None if median_frames is None else median_frames.transpose(2, 3))
         query_key = query.new_empty((2, batch, heads, tokens, padded, head_dim))
         unpadded = query_key[..., :frames, :]
-        unpadded[0].copy_(query.transpose(2, 3))
-        unpadded[1].copy_(key.transpose(2, 3))
+        unpadded.copy_(frame_major.permute(1, 2, 4, 3, 0, 5))
         query_key[..., frames:, :].zero_()
-        medians = median_values(unpadded, dim=4)
-        ctx.save_for_backward(_median_frame(unpadded, medians, 4) if any(ctx.needs_input_grad) else None)
         ctx.layouts = (query.shape, query.stride(), query.dtype), (key_value.shape, key_value.stride(), key_value.dtype)
         value_tokens = _by_token(value, value.dtype, padded)
         return medians[0], medians[1], unpadded[0], query_key[1], value_tokens
