@@ -350,23 +350,53 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
         torch.testing.assert_close(grads[1][name], expected, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("attention", ["stga", "dstga"])
-@pytest.mark.parametrize("frames", [3, 6])
-def test_torch_compile_block_without_graph_breaks(attention, frames, tiny_config_kwargs):
-    """A whole block compiles as one graph (fullgraph=True), forward and backward, with the eager block's output
-    and gradients (those of the D-STGA offset branch included, which compiled code takes from the token copy of the
-    queries); with 6 frames the keys are padded on CPU.
-
-    The `aot_eager` backend traces exactly what inductor would receive (graph capture and the autograd.Function
-    backward) without spending a minute on code generation; the benchmark suite runs the inductor backend.
-    """
-    config = TiMoConfig(**tiny_config_kwargs)
-    torch.manual_seed(0)
-    layer = TiMoLayer(config, 16, 2, attention, 0.0).to(DEVICE).train()
-    hidden = torch.randn(2, frames * 16, 16).to(DEVICE).requires_grad_()
+def compiled_block_matches_eager(layer, compiled, batch, frames):
+    """The compiled block's output and gradients (input and every parameter) equal the eager block's."""
+    hidden = torch.randn(batch, frames * 16, 16).to(DEVICE).requires_grad_()
     results = []
-    for block in (layer, torch.compile(layer, fullgraph=True, backend="aot_eager")):
+    for block in (layer, compiled):
         output = block(hidden, frames)
         results.append((output, *torch.autograd.grad(output.pow(2).sum(), (hidden, *layer.parameters()))))
     for actual, expected in zip(*results):
         torch.testing.assert_close(actual, expected)
+
+
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+def test_torch_compile_block_without_graph_breaks(attention, tiny_config_kwargs):
+    """A whole block compiles as one graph (fullgraph=True), forward and backward, with the eager block's output
+    and gradients (those of the D-STGA offset branch included, which compiled code takes from the token copy of the
+    queries).
+
+    The `aot_eager` backend traces exactly what inductor would receive (graph capture and the autograd.Function
+    backward) without spending a minute on code generation; the benchmark suite runs the inductor backend.
+    """
+    torch.manual_seed(0)
+    layer = TiMoLayer(TiMoConfig(**tiny_config_kwargs), 16, 2, attention, 0.0).to(DEVICE).train()
+    compiled_block_matches_eager(layer, torch.compile(layer, fullgraph=True, backend="aot_eager"), 2, 3)
+
+
+@pytest.mark.parametrize(
+    "attention, shapes",
+    [
+        # STGA's frame count stays symbolic (6 and 7 frames are both padded to 8 on CPU); D-STGA's median network is
+        # built for one frame count, so there only the batch size varies.
+        ("stga", [(2, 6), (3, 7)]),
+        ("dstga", [(2, 6), (3, 6)]),
+    ],
+)
+def test_dynamic_compile_keeps_sizes_symbolic(attention, shapes, tiny_config_kwargs, monkeypatch):
+    """A block compiled with dynamic shapes (as torch.compile does by itself once a size changes, e.g. at an
+    epoch's last, smaller batch) serves other batch sizes and, for STGA, frame counts without recompiling, with
+    the eager block's output and gradients: nothing in the kernels pins a size to its traced value (torch 2.11
+    fails outright on such a pin inside an autograd function). STGA runs the portable spatial kernel here, as on
+    GPUs (the CPU flash kernel is the other path)."""
+    monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
+    torch.manual_seed(0)
+    layer = TiMoLayer(TiMoConfig(**tiny_config_kwargs), 16, 2, attention, 0.0).to(DEVICE).train()
+    compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for batch, frames in shapes:
+            compiled_block_matches_eager(layer, compiled, batch, frames)
+
+

@@ -198,14 +198,22 @@ def _row_block(num_rows: int, num_keys: int) -> int:
 
 
 class _WorkBuffers:
-    """`count` reusable `[batch, rows, keys]` blocks of logits: allocated (and page-faulted) once per call, not once
-    per row block, which on CPU costs more than the products that fill them."""
+    """`count` reusable `[batch, rows, keys]` blocks of logits, passed as `out=`: allocated (and page-faulted) once
+    per call, not once per row block, which on CPU costs more than the products that fill them.
+
+    While tracing there are none (`view` gives `None`, so each product makes its result): compiled code plans its
+    own memory, and an `out=` of a symbolic size pins the sizes to their traced values (a recompilation for every
+    other frame count; torch 2.11 fails outright inside the autograd function).
+    """
 
     def __init__(self, batch: int, rows: int, keys: int, like: torch.Tensor, count: int = 1):
         self.shape = (batch, keys)
-        self.storage = like.new_empty((count, batch * rows * keys))
+        tracing = torch.compiler.is_compiling()
+        self.storage = None if tracing else like.new_empty((count, batch * rows * keys))
 
-    def view(self, rows: int, index: int = 0) -> torch.Tensor:
+    def view(self, rows: int, index: int = 0) -> torch.Tensor | None:
+        if self.storage is None:
+            return None
         batch, keys = self.shape
         return self.storage[index, : batch * rows * keys].view(batch, rows, keys)
 
@@ -359,9 +367,11 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
     weights are 0.
     """
     frames, padded = query.shape[-2], key.shape[-2]
-    # Masked by adding -inf (a boolean mask is slow in compiled CPU code).
-    excluded = torch.zeros(frames, padded, dtype=query.dtype, device=query.device).fill_diagonal_(float("-inf"))
-    excluded[:, frames:] = float("-inf")
+    # Masked by adding -inf (a boolean mask is slow in compiled CPU code). Not `fill_diagonal_`, which pins a
+    # dynamic frame count to its traced value (see `_WorkBuffers`).
+    key_frame = torch.arange(padded, device=query.device)
+    left_out = (key_frame == torch.arange(frames, device=query.device).unsqueeze(-1)) | (key_frame >= frames)
+    excluded = torch.zeros(frames, padded, dtype=query.dtype, device=query.device).masked_fill_(left_out, float("-inf"))
     logits = torch.matmul(query, key.transpose(-1, -2)).add_(excluded)
     # Fewer passes than `logsumexp` and then `exp(logits - lse)`: the weights `exp(logits - peak)` are rescaled. The
     # peak is kept finite so that a query without temporal logits (T = 1) gets zero weights, not NaN.
