@@ -6,6 +6,7 @@
     python -m benchmarks --device cuda --dtype bfloat16 --in-process --processes 1 \
         --json cuda.json --output benchmarks/RESULTS-cuda.md
     python -m benchmarks.profile attention/dstga/T30-48px/fwdbwd/fast+compile   # where one case's time goes
+    python -m benchmarks.allocator             # the T=30 D-STGA cases with glibc's malloc defaults vs freed memory kept
 
 Every case runs in its own Python process (fresh allocator, no page-cache effects carried from one case to the
 next) unless `--in-process` (meant for CUDA, where a case's start-up would cost more than its measurement and the
@@ -195,13 +196,14 @@ def run_pooled(case: dict, timeout: int, idle_wait: float, in_process: bool = Fa
     return pooled
 
 
-def run_case(case: dict, timeout: int, idle_wait: float) -> dict:
-    """Run one case in a fresh process, after waiting for the machine to be idle; records how much CPU other
-    processes took while it ran (`others_cpu_share`, a fraction of all CPUs)."""
+def run_case(case: dict, timeout: int, idle_wait: float, env: dict | None = None) -> dict:
+    """Run one case in a fresh process (with environment `env`, default this process's), after waiting for the
+    machine to be idle; records how much CPU other processes took while it ran (`others_cpu_share`, a fraction of
+    all CPUs)."""
     busy_before = wait_until_idle(max_wait=idle_wait) if idle_wait > 0 else None
     command = [sys.executable, "-m", "benchmarks.cases", json.dumps(case)]
     root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ)
+    env = dict(os.environ if env is None else env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = cpu_times()

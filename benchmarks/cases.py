@@ -32,7 +32,15 @@ from timo_hf.flops import count_flops
 from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
 from . import common
-from .common import PeakMemory, TensorMemory, machine_info, matmul_peak, measure_memory, time_runs
+from .common import (
+    PeakMemory,
+    TensorMemory,
+    machine_info,
+    matmul_peak,
+    measure_memory,
+    minor_faults_per_run,
+    time_runs,
+)
 
 
 STAGE1_WIDTH, STAGE1_HEADS = 128, 4
@@ -142,7 +150,10 @@ def run_attention(spec: dict) -> dict:
     run = prepare_attention(spec)
     times = time_runs(run, spec["device"], spec["repeats"], warmup_runs(spec), min_seconds(spec, 3.0))
     tokens = stage1_tokens(spec["shape"])
-    return {"times_s": times, "time_s": statistics.median(times), "tokens": tokens, **case_memory(run, spec)}
+    result = {"times_s": times, "time_s": statistics.median(times), "tokens": tokens}
+    if spec["device"] == "cpu":
+        result["minor_faults_per_run"] = minor_faults_per_run(run)
+    return {**result, **case_memory(run, spec)}
 
 
 def base_model(spec: dict, train: bool) -> TiMoModel:

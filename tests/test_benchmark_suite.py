@@ -6,6 +6,8 @@ import json
 import pytest
 
 from benchmarks.__main__ import main, run_in_process
+from benchmarks.allocator import TUNED_MALLOC, environment
+from benchmarks.allocator import main as allocator_main
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
 
@@ -80,3 +82,20 @@ def test_temporal_products_times_both_widths_and_names_the_kernels_choice(capsys
         with pytest.raises(SystemExit):
             temporal_products_main(bad)
     assert "--head-dim and --repeats must be at least 1" in capsys.readouterr().err
+
+
+def test_allocator_runs_each_case_with_and_without_the_malloc_tunables(monkeypatch, capsys):
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")  # a setting of the caller's own is not carried into the default runs
+    assert not set(TUNED_MALLOC) & set(environment("default"))
+    assert all(environment("tuned")[name] == value for name, value in TUNED_MALLOC.items())
+    case = "attention/stga/T30-48px/fwd/fast"
+    results = allocator_main(["--only", case, "--rounds", "1", "--repeats", "1", "--idle-wait", "0"])
+    runs = results[case]
+    assert {setting: len(runs[setting]) for setting in runs} == {"default": 1, "tuned": 1}
+    assert all(run["time_s"] > 0 and run["minor_faults_per_run"] >= 0 for setting in runs for run in runs[setting])
+    assert f"| {case} |" in capsys.readouterr().out
+
+
+def test_allocator_refuses_unknown_cases():
+    with pytest.raises(SystemExit):
+        allocator_main(["--only", "attention/dstga/T30-48px/fwdbwd/fas"])
