@@ -190,6 +190,9 @@ def run_pooled(case: dict, timeout: int, idle_wait: float, in_process: bool = Fa
     pooled = dict(runs[0], times_s=[time_s for run in runs for time_s in run["times_s"]])
     pooled["time_s"] = statistics.median(pooled["times_s"])
     pooled["process_times_s"] = [run["time_s"] for run in runs]
+    if all("minor_faults_per_run" in run for run in runs):
+        pooled["process_minor_faults_per_run"] = [run["minor_faults_per_run"] for run in runs]
+        pooled["minor_faults_per_run"] = statistics.median(pooled["process_minor_faults_per_run"])
     for key in ("peak_bytes", "peak_resident_bytes", "others_cpu_share"):
         if all(key in run for run in runs):
             pooled[key] = max(run[key] for run in runs)
@@ -388,6 +391,26 @@ def build_report(results: dict, info: dict) -> str:
         speedup = _fmt_ratio(_ratio(eager_reference, compiled, "time_s"))
         lines.append(f"| {implementation} | {_ms(eager)} | {_ms(compiled)} | {speedup} |")
     lines += [""]
+    per_process = {}
+    for implementation in IMPLEMENTATIONS:
+        for variant in (implementation, f"{implementation}+compile"):
+            result = att("dstga", "T30-48px", "fwdbwd", variant)
+            if result and "process_times_s" in result:
+                per_process[f"attention/dstga/T30-48px/fwdbwd/{variant}"] = result
+    if per_process:
+        lines += [
+            "The same cases process by process (CPU: minor page faults per step are first touches of memory the "
+            "allocator took from the system; `python -m benchmarks.allocator` times these cases with freed memory "
+            "kept in the heap):",
+            "",
+            "| case | medians per process, ms | minor page faults per step, per process |",
+            "|---|---|---|",
+        ]
+        for case_id, result in per_process.items():
+            times = ", ".join(f"{1e3 * seconds:.1f}" for seconds in result["process_times_s"])
+            faults = ", ".join(f"{count:.0f}" for count in result.get("process_minor_faults_per_run", [])) or "n/a"
+            lines.append(f"| {case_id} | {times} | {faults} |")
+        lines += [""]
 
     # Sweep -------------------------------------------------------------------------------------------------------
     lines += [

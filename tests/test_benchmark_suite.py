@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import benchmarks.__main__ as suite
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
@@ -99,3 +100,16 @@ def test_allocator_runs_each_case_with_and_without_the_malloc_tunables(monkeypat
 def test_allocator_refuses_unknown_cases():
     with pytest.raises(SystemExit):
         allocator_main(["--only", "attention/dstga/T30-48px/fwdbwd/fas"])
+
+
+def test_pooled_processes_keep_each_process_median_and_page_faults(monkeypatch):
+    runs = iter([
+        {"times_s": [0.01, 0.03], "time_s": 0.02, "minor_faults_per_run": 100.0},
+        {"times_s": [0.04], "time_s": 0.04, "minor_faults_per_run": 900.0},
+        {"times_s": [0.05], "time_s": 0.05, "minor_faults_per_run": 300.0},
+    ])
+    monkeypatch.setattr(suite, "run_case", lambda case, timeout, idle_wait: next(runs))
+    pooled = suite.run_pooled({"id": "x", "processes": 3}, timeout=1, idle_wait=0)
+    assert pooled["times_s"] == [0.01, 0.03, 0.04, 0.05] and pooled["time_s"] == 0.035
+    assert pooled["process_times_s"] == [0.02, 0.04, 0.05]
+    assert pooled["process_minor_faults_per_run"] == [100.0, 900.0, 300.0] and pooled["minor_faults_per_run"] == 300.0
