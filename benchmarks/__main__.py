@@ -11,10 +11,9 @@
 Every case runs in its own Python process (fresh allocator, no page-cache effects carried from one case to the
 next) unless `--in-process` (meant for CUDA, where a case's start-up would cost more than its measurement and the
 allocator's statistics are reset per case); times are medians over `--repeats` runs after one warm-up run (two
-under torch.compile). The short attention
-cases (T=30 at 48 px, the sweep over T) run in `--processes` processes whose timed runs are pooled: their medians
-differ between processes by up to ~20% with the allocator's state (page faults), more than between runs of one
-process. Memory is the peak
+under torch.compile). The attention cases (the sweep over T included) run in `--processes` processes whose timed
+runs are pooled: on CPU a process's median moves with the allocator's state (page faults: up to ~20% at T=30,
+1.5x for the multi-GB reference at 256 px), more than between runs of one process. Memory is the peak
 extra memory of one more run (resident set on CPU, allocated memory on CUDA). The ratios are computed from numbers
 of the same run only, and every number written to RESULTS.md comes from this script.
 """
@@ -89,7 +88,7 @@ def all_cases(device: str, repeats: int, processes: int = 1) -> list[dict]:
                             "id": f"attention/{attention}/{shape_id}/{mode}/{implementation}",
                             "kind": "attention", "attention": attention, "shape": shape, "mode": mode,
                             "implementation": implementation, "repeats": repeats,
-                            "processes": processes if shape_id == "T30-48px" else 1,
+                            "processes": processes,
                         }
                     )
     for frames in SWEEP_FRAMES:
@@ -264,7 +263,12 @@ def build_report(results: dict, info: dict) -> str:
     on_cpu = info.get("device", "cpu") == "cpu"
     dtype = info.get("dtype", "float32")
     lines = ["# timo_hf benchmark results", ""]
-    where = "all cases ran in one process" if info.get("in_process") else "each case ran in its own process"
+    where = (
+        "all cases ran in one process"
+        if info.get("in_process")
+        else "each case ran in its own process (the attention cases in several, their repeats pooled; the raw "
+        "results list each process's median as `process_times_s`)"
+    )
     origin = (
         f"that run and the {info['resumed']} earlier invocation(s) it resumed (`--resume`: their cases were kept, "
         "failed ones measured again)"
@@ -274,8 +278,7 @@ def build_report(results: dict, info: dict) -> str:
     lines += [
         f"Written by `python -m benchmarks` on {info['date']} ({info['command']}). Every number below comes from "
         f"{origin}; {where}; times are medians of the listed repeats after a warm-up "
-        "run (the T=30 attention cases and the T sweep ran in several processes, their repeats pooled; the raw "
-        "results list each process's median as `process_times_s`). Memory (`MiB`) is the peak of the tensors "
+        "run. Memory (`MiB`) is the peak of the tensors "
         "created by the measured code and alive at once (inputs excluded; counted at the dispatcher, so scratch "
         "space inside a kernel is not seen); the raw results also "
         "hold the peak growth of the process's resident set on CPU, of the CUDA allocator's allocated memory on "
@@ -391,17 +394,22 @@ def build_report(results: dict, info: dict) -> str:
         speedup = _fmt_ratio(_ratio(eager_reference, compiled, "time_s"))
         lines.append(f"| {implementation} | {_ms(eager)} | {_ms(compiled)} | {speedup} |")
     lines += [""]
+    # The cases behind the speed-up targets, process by process.
     per_process = {}
-    for implementation in IMPLEMENTATIONS:
-        for variant in (implementation, f"{implementation}+compile"):
-            result = att("dstga", "T30-48px", "fwdbwd", variant)
+    for attention, shape_id, variants in (
+        ("dstga", "T3-256px", IMPLEMENTATIONS),
+        ("stga", "T3-256px", IMPLEMENTATIONS),
+        ("dstga", "T30-48px", [*IMPLEMENTATIONS, *(f"{implementation}+compile" for implementation in IMPLEMENTATIONS)]),
+    ):
+        for variant in variants:
+            result = att(attention, shape_id, "fwdbwd", variant)
             if result and "process_times_s" in result:
-                per_process[f"attention/dstga/T30-48px/fwdbwd/{variant}"] = result
+                per_process[f"attention/{attention}/{shape_id}/fwdbwd/{variant}"] = result
     if per_process:
         lines += [
-            "The same cases process by process (CPU: minor page faults per step are first touches of memory the "
-            "allocator took from the system; `python -m benchmarks.allocator` times these cases with freed memory "
-            "kept in the heap):",
+            "The fwd+bwd cases behind the speed-up targets, process by process (CPU: minor page faults per step are "
+            "first touches of memory the allocator took from the system during the timed steps; "
+            "`python -m benchmarks.allocator` times cases with freed memory kept in the heap):",
             "",
             "| case | medians per process, ms | minor page faults per step, per process |",
             "|---|---|---|",
@@ -550,7 +558,7 @@ def main(argv=None) -> None:
     parser.add_argument("--only", nargs="*", default=None, help="run only the cases whose id contains one of these")
     parser.add_argument("--list", action="store_true", help="list the case ids and exit")
     parser.add_argument(
-        "--processes", type=int, default=3, help="processes per short attention case (T=30, the T sweep), runs pooled"
+        "--processes", type=int, default=3, help="processes per attention case (the T sweep included), runs pooled"
     )
     parser.add_argument("--threads", type=int, default=None, help="torch threads in every case (default: torch's)")
     parser.add_argument(

@@ -38,7 +38,7 @@ from .common import (
     machine_info,
     matmul_peak,
     measure_memory,
-    minor_faults_per_run,
+    time_and_count_runs,
     time_runs,
 )
 
@@ -148,11 +148,12 @@ def prepare_attention(spec: dict):
 
 def run_attention(spec: dict) -> dict:
     run = prepare_attention(spec)
-    times = time_runs(run, spec["device"], spec["repeats"], warmup_runs(spec), min_seconds(spec, 3.0))
+    times, faults = time_and_count_runs(run, spec["device"], spec["repeats"], warmup_runs(spec), min_seconds(spec, 3.0))
     tokens = stage1_tokens(spec["shape"])
     result = {"times_s": times, "time_s": statistics.median(times), "tokens": tokens}
     if spec["device"] == "cpu":
-        result["minor_faults_per_run"] = minor_faults_per_run(run)
+        result["minor_faults"] = faults
+        result["minor_faults_per_run"] = statistics.mean(faults)
     return {**result, **case_memory(run, spec)}
 
 

@@ -32,25 +32,30 @@ def time_runs(
 ) -> list[float]:
     """Seconds (by `CLOCK`) of at least `repeats` calls after `warmup` calls; short cases are repeated until they
     have run `min_seconds` in all (at most `max_repeats` times), so that their median is stable."""
+    return time_and_count_runs(function, device, repeats, warmup, min_seconds, max_repeats)[0]
+
+
+def time_and_count_runs(
+    function, device: str, repeats: int, warmup: int = 1, min_seconds: float = 0.0, max_repeats: int = 50
+) -> tuple[list[float], list[int]]:
+    """`time_runs`, and the minor page faults of this process during each timed call (first touches of memory the
+    allocator got from the system; each zero-fills a 4 KiB page), so that a slow run can be told from slow code."""
     for _ in range(warmup):
         function()
     synchronize(device)
-    times = []
+    times, faults = [], []
     while len(times) < repeats or (sum(times) < min_seconds and len(times) < max_repeats):
+        faults_before = _minor_faults()
         start = CLOCK()
         function()
         synchronize(device)
         times.append(CLOCK() - start)
-    return times
+        faults.append(_minor_faults() - faults_before)
+    return times, faults
 
 
-def minor_faults_per_run(function, runs: int = 5) -> float:
-    """Minor page faults of this process per call of `function` (first touches of memory the allocator got from the
-    system; each zero-fills a 4 KiB page), over `runs` more calls."""
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(runs):
-        function()
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / runs
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def alternate_runs(functions: dict, repeats: int) -> dict:

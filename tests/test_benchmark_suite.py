@@ -4,11 +4,13 @@
 import json
 
 import pytest
+import torch
 
 import benchmarks.__main__ as suite
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
+from benchmarks.common import time_and_count_runs
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
 
@@ -113,3 +115,17 @@ def test_pooled_processes_keep_each_process_median_and_page_faults(monkeypatch):
     assert pooled["times_s"] == [0.01, 0.03, 0.04, 0.05] and pooled["time_s"] == 0.035
     assert pooled["process_times_s"] == [0.02, 0.04, 0.05]
     assert pooled["process_minor_faults_per_run"] == [100.0, 900.0, 300.0] and pooled["minor_faults_per_run"] == 300.0
+
+
+def test_timed_runs_count_the_page_faults_of_each_timed_call():
+    """Each timed call that touches 64 MiB of fresh memory (mapped per allocation: above glibc's mmap threshold)
+    faults in about 16 Ki pages; the warm-up calls are not counted."""
+    calls = []
+
+    def touch_fresh_memory():
+        calls.append(torch.ones(16 * 2**20).sum())
+
+    times, faults = time_and_count_runs(touch_fresh_memory, "cpu", repeats=3, warmup=2)
+    assert len(calls) == 5 and len(times) == len(faults) == 3
+    pages = 64 * 2**20 // 4096
+    assert all(0.9 * pages <= count <= 1.5 * pages for count in faults), faults
