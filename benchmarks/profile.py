@@ -25,8 +25,11 @@ from .cases import PREPARERS, dtype_of, warmup_runs
 from .common import matmul_peak
 
 
-# Dense products whose FLOPs the profiler counts (the rate of the rest is not a matmul rate).
+# Dense products (the rate of the rest is not a matmul rate), in place or not: the profiler counts the FLOPs of the
+# out-of-place ones only, so those of the in-place ones (`baddbmm_`: a backward accumulating its blocks) are counted
+# here from their operands' shapes.
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
+IN_PLACE_PRODUCTS = tuple(name + "_" for name in MATRIX_PRODUCTS[2:])
 
 
 def find_case(case_id: str, dtype: str) -> dict:
@@ -43,7 +46,7 @@ def find_case(case_id: str, dtype: str) -> dict:
 
 
 def kind_of(name: str) -> str:
-    if name in MATRIX_PRODUCTS:
+    if name in MATRIX_PRODUCTS or name in IN_PLACE_PRODUCTS:
         return "matrix products"
     if name.startswith("aten::_scaled_dot_product"):  # SDPA's fused kernels (MHSA; STGA's per-frame spatial part)
         return "fused attention"
@@ -64,12 +67,22 @@ def profile_case(case: dict, steps: int):
             for _ in range(steps):
                 run()
     rows = [
-        (event.self_cpu_time_total / 1e3 / steps, event.count / steps, event.flops / steps, event.key,
+        (event.self_cpu_time_total / 1e3 / steps, event.count / steps, operator_flops(event) / steps, event.key,
          str(event.input_shapes))
         for event in profiler.key_averages(group_by_input_shape=True)
         if event.self_cpu_time_total > 0
     ]
     return sorted(rows, reverse=True)
+
+
+def operator_flops(event) -> float:
+    """FLOPs of all calls of a profiled operator: the profiler's count, or for an in-place product
+    (`self += batch1 @ batch2`, `[(b,) n, m] x [(b,) m, p]`) twice the multiply-adds of its operands' shapes."""
+    if event.key not in IN_PLACE_PRODUCTS or event.flops:
+        return event.flops
+    left, right = event.input_shapes[1:3]
+    batch = left[0] if event.key == "aten::baddbmm_" else 1
+    return 2.0 * batch * left[-2] * left[-1] * right[-1] * event.count
 
 
 def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str:

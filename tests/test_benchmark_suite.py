@@ -11,6 +11,7 @@ from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
 from benchmarks.common import time_and_count_runs
+from benchmarks.profile import kind_of, operator_flops
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
 
@@ -129,3 +130,15 @@ def test_timed_runs_count_the_page_faults_of_each_timed_call():
     assert len(calls) == 5 and len(times) == len(faults) == 3
     pages = 64 * 2**20 // 4096
     assert all(0.9 * pages <= count <= 1.5 * pages for count in faults), faults
+
+
+def test_profile_counts_in_place_products_as_matrix_products():
+    """`baddbmm_` (the spatial backward accumulating its row blocks) is a matrix product with its FLOPs counted,
+    although the profiler counts none for it."""
+    accumulated, left, right = torch.zeros(3, 16, 8), torch.randn(3, 16, 32), torch.randn(3, 32, 8)
+    with torch.profiler.profile(record_shapes=True, with_flops=True) as profiler:
+        for _ in range(2):
+            accumulated.baddbmm_(left, right)
+    (event,) = [event for event in profiler.key_averages(group_by_input_shape=True) if event.key == "aten::baddbmm_"]
+    assert kind_of(event.key) == "matrix products"
+    assert operator_flops(event) == 2 * (2 * 3 * 16 * 32 * 8)
