@@ -239,6 +239,13 @@ def _mib(result):
     return f"{result['peak_bytes'] / 2**20:.1f}" if result and "peak_bytes" in result else "n/a"
 
 
+def _peak_share(result, peak):
+    """The fraction of the matmul peak a case reaches: its counted FLOPs over its time, over the peak."""
+    if not (result and "flops" in result and "time_s" in result and peak):
+        return "n/a"
+    return f"{100 * result['flops'] / result['time_s'] / peak:.1f}%"
+
+
 def _ratio(numerator, denominator, key):
     try:
         return numerator[key] / max(denominator[key], 1e-12)
@@ -365,10 +372,14 @@ def build_report(results: dict, info: dict) -> str:
         "",
         "`TiMoAttention.attend`: from the query and key/value projections to the output projection's input "
         "(`[B, T*N, C]`, where the fast kernels' output is a view and the reference's a copy); D-STGA includes its "
-        "two temporal medians and the offset branch. `fwd` without autograd, `fwdbwd` forward and backward.",
+        "two temporal medians and the offset branch. `fwd` without autograd, `fwdbwd` forward and backward. "
+        "`% peak`: the FLOPs of the matrix products each implementation runs (counted by FlopCounterMode; the fast "
+        "kernels run fewer, and on CPU unroll the products over at most 4 frames into element-wise operations, "
+        "which are not counted) per second, as a fraction of the measured matmul peak.",
         "",
-        "| attention | input | N | mode | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| attention | input | N | mode | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio "
+        "| reference % peak | fast % peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for shape_id in SHAPES:
         for attention in ("dstga", "stga"):
@@ -378,21 +389,24 @@ def build_report(results: dict, info: dict) -> str:
                 lines.append(
                     f"| {attention} | {shape_id} | {tokens} | {mode} | {_ms(ref)} | {_ms(fast)} | "
                     f"{_fmt_ratio(_ratio(ref, fast, 'time_s'))} | {_mib(ref)} | {_mib(fast)} | "
-                    f"{_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} |"
+                    f"{_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} | {_peak_share(ref, peak)} | "
+                    f"{_peak_share(fast, peak)} |"
                 )
     lines += [""]
     lines += [
         "torch.compile (fullgraph, default mode) of the same D-STGA step, T=30 48px, fwd+bwd:",
         "",
-        "| implementation | eager ms | compiled ms | compiled speed-up over eager reference |",
-        "|---|---|---|---|",
+        "| implementation | eager ms | compiled ms | compiled speed-up over eager reference | compiled % peak |",
+        "|---|---|---|---|---|",
     ]
     eager_reference = att("dstga", "T30-48px", "fwdbwd", "reference")
     for implementation in IMPLEMENTATIONS:
         eager = att("dstga", "T30-48px", "fwdbwd", implementation)
         compiled = att("dstga", "T30-48px", "fwdbwd", f"{implementation}+compile")
         speedup = _fmt_ratio(_ratio(eager_reference, compiled, "time_s"))
-        lines.append(f"| {implementation} | {_ms(eager)} | {_ms(compiled)} | {speedup} |")
+        lines.append(
+            f"| {implementation} | {_ms(eager)} | {_ms(compiled)} | {speedup} | {_peak_share(compiled, peak)} |"
+        )
     lines += [""]
     # The cases behind the speed-up targets, process by process.
     per_process = {}
@@ -427,8 +441,9 @@ def build_report(results: dict, info: dict) -> str:
         "`N^2/(b,h)` is the size of one N x N float32 matrix per (batch, head) times batch x heads; the reference "
         "holds several `T x N x (T + N)` tensors.",
         "",
-        "| T | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio | N^2/(b,h) MiB | T*N^2/(b,h) MiB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| T | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio | N^2/(b,h) MiB "
+        "| T*N^2/(b,h) MiB | reference % peak | fast % peak |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for frames in SWEEP_FRAMES:
         ref = get(f"sweep/dstga/T{frames}-64px/fwdbwd/reference")
@@ -436,7 +451,8 @@ def build_report(results: dict, info: dict) -> str:
         n2 = 4 * 256 * 256 * 4 / 2**20
         lines.append(
             f"| {frames} | {_ms(ref)} | {_ms(fast)} | {_fmt_ratio(_ratio(ref, fast, 'time_s'))} | {_mib(ref)} | "
-            f"{_mib(fast)} | {_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} | {n2:.1f} | {frames * n2:.1f} |"
+            f"{_mib(fast)} | {_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} | {n2:.1f} | {frames * n2:.1f} | "
+            f"{_peak_share(ref, peak)} | {_peak_share(fast, peak)} |"
         )
     lines += [""]
 
@@ -458,10 +474,9 @@ def build_report(results: dict, info: dict) -> str:
                     continue  # compiled backbones run on accelerators only
                 if result and "flops" in result:
                     rate = result["flops"] / result["time_s"]
-                    fraction = f"{100 * rate / peak:.1f}%" if peak else "n/a"
                     lines.append(
                         f"| {shape_id} | {mode} | {implementation} | {_ms(result)} | {_mib(result)} | "
-                        f"{result['flops'] / 1e9:.2f} | {rate / 1e9:.1f} | {fraction} |"
+                        f"{result['flops'] / 1e9:.2f} | {rate / 1e9:.1f} | {_peak_share(result, peak)} |"
                     )
                 else:
                     error = (result or {}).get("error", "not run")

@@ -5,7 +5,8 @@ Kinds of case (the spec's `kind`):
 - `attention`: the stage-1 STGA or D-STGA attention of TiMo-Base (4 heads of 32 channels, `N = H/4 * W/4` tokens
   per frame), `TiMoAttention.attend`: from the query and key/value projections to the output projection's input,
   D-STGA's medians and offset branch included; `mode` `fwd` (no grad) or `fwdbwd` (forward and backward of a fixed
-  random output gradient); optionally under `torch.compile`.
+  random output gradient); optionally under `torch.compile`. Its FLOPs are the matrix products the step runs,
+  counted by FlopCounterMode (with `timo_hf.flops.flop_formulas`) on one more eager step.
 - `backbone`: the whole TiMo-Base `TiMoModel` (eval mode) on `pixel_values` of `shape`, `fwd` or `fwdbwd`, with
   its FLOPs counted by `timo_hf.flops.count_flops` on the same device for the same pass.
 - `layout_memory`: one training step's forward and backward (train mode) of TiMo-Base with an attention layout.
@@ -26,9 +27,10 @@ import sys
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 from timo_hf import TiMoConfig, TiMoForSemanticSegmentation, TiMoModel
-from timo_hf.flops import count_flops
+from timo_hf.flops import count_flops, flop_formulas
 from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
 from . import common
@@ -154,7 +156,16 @@ def run_attention(spec: dict) -> dict:
     if spec["device"] == "cpu":
         result["minor_faults"] = faults
         result["minor_faults_per_run"] = statistics.mean(faults)
-    return {**result, **case_memory(run, spec)}
+    return {**result, **case_memory(run, spec), "flops": counted_flops(spec)}
+
+
+def counted_flops(spec: dict) -> int:
+    """FLOPs of the matrix products of one step of an attention case, counted on the eager step (compiled code
+    does not run under a dispatch mode; it runs the same large products)."""
+    run = prepare_attention({**spec, "compile": False})
+    with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
+        run()
+    return counter.get_total_flops()
 
 
 def base_model(spec: dict, train: bool) -> TiMoModel:

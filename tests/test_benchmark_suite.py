@@ -142,3 +142,15 @@ def test_profile_counts_in_place_products_as_matrix_products():
     (event,) = [event for event in profiler.key_averages(group_by_input_shape=True) if event.key == "aten::baddbmm_"]
     assert kind_of(event.key) == "matrix products"
     assert operator_flops(event) == 2 * (2 * 3 * 16 * 32 * 8)
+
+
+def test_attention_cases_count_the_flops_of_the_products_they_run():
+    """Each attention case reports the FLOPs of the matrix products it runs, backward included. D-STGA's fast kernel
+    saves element-wise work and memory, not products: it runs the reference's products, plus the spatial logits it
+    recomputes in backward and the keys' two zero frames (30 padded to 32), so the counts agree within 3%."""
+    cases = {case["id"]: case for case in suite.all_cases("cpu", repeats=1)}
+    counted = {
+        implementation: run_in_process(cases[f"attention/dstga/T30-48px/fwdbwd/{implementation}"])["flops"]
+        for implementation in ("reference", "fast")
+    }
+    assert 0 < counted["reference"] < counted["fast"] < 1.03 * counted["reference"]

@@ -98,3 +98,27 @@ def test_table7_script_outside_the_paper_setting(capsys):
     by_layout = {row["layout"]: row["gflops"] for row in rows}
     assert by_layout["M-M-M-M"] > by_layout["S-M-M-M"] > by_layout["D-M-M-M"] > by_layout["D-D-M-M"]
     assert "| D-D-M-M |" in capsys.readouterr().out
+
+
+def test_in_place_products_are_counted_so_block_size_does_not_change_the_count(monkeypatch):
+    """The fast spatial backward accumulates its row blocks with `baddbmm_`, which FlopCounterMode alone counts as 0:
+    counted with `flop_formulas`, the backward costs the same FLOPs in one block or in many."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from timo_hf import attention_fast
+    from timo_hf.flops import flop_formulas
+
+    query, key = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    value = torch.randn(1, 2, 64, 24)  # wider values than queries: the portable kernel, not CPU flash
+    output, lse = attention_fast.spatial_attention_forward(query, key, value)
+    grad = torch.randn_like(output)
+
+    def counted_backward_flops():
+        with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
+            attention_fast.spatial_attention_backward(grad, query, key, value, output, lse)
+        return counter.get_total_flops()
+
+    one_block = counted_backward_flops()
+    monkeypatch.setattr(attention_fast, "BLOCK_ELEMENTS", 16 * 64)
+    monkeypatch.setattr(attention_fast, "SMALL_BLOCK_ELEMENTS", 16 * 64)
+    assert counted_backward_flops() == one_block > 0

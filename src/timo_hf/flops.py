@@ -1,9 +1,10 @@
 """FLOP counting for TiMo models (2 FLOPs per multiply-add, matrix products and convolutions only).
 
-`torch.utils.flop_counter.FlopCounterMode` counts matrix products and convolutions, but on CPU it misses
-`scaled_dot_product_attention`: the CPU kernel (`_scaled_dot_product_flash_attention_for_cpu`) has no registered
-formula, so MHSA would count 0. `count_flops` registers the standard attention formulas for that kernel and its
-backward, so attention is counted whatever the device. Softmax, GELU, normalisation, medians and element-wise ops
+`torch.utils.flop_counter.FlopCounterMode` counts matrix products and convolutions, but it misses two kinds:
+`scaled_dot_product_attention` on CPU (the kernel `_scaled_dot_product_flash_attention_for_cpu` has no registered
+formula, so MHSA would count 0) and in-place products (`baddbmm_`, `addmm_`: the fast spatial backward accumulates
+its row blocks with them). `count_flops` registers formulas for those (`flop_formulas`), so they are counted whatever
+the device. Softmax, GELU, normalisation, medians and element-wise ops
 are not counted (as in the paper's and the official measurements); neither are the products over at most 4 frames
 that the fast STGA kernels unroll into element-wise operations (a few percent of an STGA layer's count at most).
 """
@@ -12,7 +13,7 @@ import contextlib
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+from torch.utils.flop_counter import FlopCounterMode, bmm_flop, mm_flop, sdpa_backward_flop_count, sdpa_flop_count
 
 
 def _cpu_attention_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
@@ -23,10 +24,19 @@ def _cpu_attention_backward_flops(grad_out_shape, query_shape, key_shape, value_
     return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
 
 
-def attention_flop_formulas() -> dict:
-    """`custom_mapping` for `FlopCounterMode` covering the attention kernels it does not know (CPU SDPA)."""
-    mapping = {}
+def _in_place_bmm_flops(self_shape, left_shape, right_shape, *args, **kwargs) -> int:
+    return bmm_flop(left_shape, right_shape)
+
+
+def _in_place_mm_flops(self_shape, left_shape, right_shape, *args, **kwargs) -> int:
+    return mm_flop(left_shape, right_shape)
+
+
+def flop_formulas() -> dict:
+    """`custom_mapping` for `FlopCounterMode` covering the products it does not know: CPU SDPA and the in-place
+    products, which cost what their out-of-place forms do."""
     aten = torch.ops.aten
+    mapping = {aten.baddbmm_: _in_place_bmm_flops, aten.addmm_: _in_place_mm_flops}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
@@ -68,7 +78,7 @@ def count_flops(
         inputs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
     was_training = model.training
     model.eval()
-    counter = FlopCounterMode(display=False, custom_mapping=attention_flop_formulas())
+    counter = FlopCounterMode(display=False, custom_mapping=flop_formulas())
     forward_total = 0
     try:
         grad_context = contextlib.nullcontext() if backward else torch.no_grad()
@@ -170,4 +180,4 @@ def table7(
     return rows
 
 
-__all__ = ["count_flops", "attention_flop_formulas", "table7", "TABLE7_GFLOPS", "layout_name"]
+__all__ = ["count_flops", "flop_formulas", "table7", "TABLE7_GFLOPS", "layout_name"]
