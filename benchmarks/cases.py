@@ -156,13 +156,13 @@ def run_attention(spec: dict) -> dict:
     if spec["device"] == "cpu":
         result["minor_faults"] = faults
         result["minor_faults_per_run"] = statistics.mean(faults)
-    return {**result, **case_memory(run, spec), "flops": counted_flops(spec)}
+    # Compiled code does not run under a dispatch mode: counted on the eager step, which runs the same large products.
+    eager_run = prepare_attention({**spec, "compile": False}) if spec.get("compile") else run
+    return {**result, **case_memory(run, spec), "flops": counted_flops(eager_run)}
 
 
-def counted_flops(spec: dict) -> int:
-    """FLOPs of the matrix products of one step of an attention case, counted on the eager step (compiled code
-    does not run under a dispatch mode; it runs the same large products)."""
-    run = prepare_attention({**spec, "compile": False})
+def counted_flops(run) -> int:
+    """FLOPs of the matrix products of one call of `run` (an eager step)."""
     with FlopCounterMode(display=False, custom_mapping=flop_formulas()) as counter:
         run()
     return counter.get_total_flops()

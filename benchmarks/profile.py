@@ -20,6 +20,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
 
+from timo_hf.flops import IN_PLACE_PRODUCT_FLOPS
+
 from .__main__ import all_cases
 from .cases import PREPARERS, dtype_of, warmup_runs
 from .common import matmul_peak
@@ -27,9 +29,9 @@ from .common import matmul_peak
 
 # Dense products (the rate of the rest is not a matmul rate), in place or not: the profiler counts the FLOPs of the
 # out-of-place ones only, so those of the in-place ones (`baddbmm_`: a backward accumulating its blocks) are counted
-# here from their operands' shapes.
+# from their operands' shapes (`timo_hf.flops.IN_PLACE_PRODUCT_FLOPS`).
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
-IN_PLACE_PRODUCTS = tuple(name + "_" for name in MATRIX_PRODUCTS[2:])
+IN_PLACE_PRODUCTS = {f"aten::{name}": formula for name, formula in IN_PLACE_PRODUCT_FLOPS.items()}
 
 
 def find_case(case_id: str, dtype: str) -> dict:
@@ -76,13 +78,11 @@ def profile_case(case: dict, steps: int):
 
 
 def operator_flops(event) -> float:
-    """FLOPs of all calls of a profiled operator: the profiler's count, or for an in-place product
-    (`self += batch1 @ batch2`, `[(b,) n, m] x [(b,) m, p]`) twice the multiply-adds of its operands' shapes."""
+    """FLOPs of all calls of a profiled operator: the profiler's count, or for an in-place product the count from
+    its operands' shapes."""
     if event.key not in IN_PLACE_PRODUCTS or event.flops:
         return event.flops
-    left, right = event.input_shapes[1:3]
-    batch = left[0] if event.key == "aten::baddbmm_" else 1
-    return 2.0 * batch * left[-2] * left[-1] * right[-1] * event.count
+    return IN_PLACE_PRODUCTS[event.key](*event.input_shapes[:3]) * event.count
 
 
 def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str:

@@ -32,11 +32,16 @@ def _in_place_mm_flops(self_shape, left_shape, right_shape, *args, **kwargs) -> 
     return mm_flop(left_shape, right_shape)
 
 
+# FLOPs of the in-place products from their operands' shapes `(self, left, right)`, by aten name: they cost what their
+# out-of-place forms do, which FlopCounterMode and the profiler count, and these they do not.
+IN_PLACE_PRODUCT_FLOPS = {"baddbmm_": _in_place_bmm_flops, "addmm_": _in_place_mm_flops}
+
+
 def flop_formulas() -> dict:
     """`custom_mapping` for `FlopCounterMode` covering the products it does not know: CPU SDPA and the in-place
-    products, which cost what their out-of-place forms do."""
+    products."""
     aten = torch.ops.aten
-    mapping = {aten.baddbmm_: _in_place_bmm_flops, aten.addmm_: _in_place_mm_flops}
+    mapping = {getattr(aten, name): formula for name, formula in IN_PLACE_PRODUCT_FLOPS.items()}
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu"):
         mapping[aten._scaled_dot_product_flash_attention_for_cpu] = _cpu_attention_flops
     if hasattr(aten, "_scaled_dot_product_flash_attention_for_cpu_backward"):
