@@ -599,6 +599,8 @@ def main(argv=None) -> None:
     )
     parser.add_argument("--note", default=None, help="a remark printed in the report's header (kept in --json)")
     args = parser.parse_args(argv)
+    if min(args.repeats, args.processes) < 1:
+        parser.error("--repeats and --processes must be at least 1")
     if (args.resume or args.report_only) and not args.json:
         parser.error("--resume and --report-only need --json (the raw results of a run)")
     if args.report_only:

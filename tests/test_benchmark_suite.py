@@ -43,6 +43,13 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
 
 
+@pytest.mark.parametrize("option", ["--processes", "--repeats"])
+def test_no_processes_or_repeats_is_refused(option, capsys):
+    with pytest.raises(SystemExit):
+        main(["--only", "attention/dstga/T30-48px/fwd/fast", option, "0", "--no-write"])
+    assert "--repeats and --processes must be at least 1" in capsys.readouterr().err
+
+
 def test_report_only_without_raw_results_names_the_missing_file(tmp_path, capsys):
     missing = tmp_path / "none.json"
     with pytest.raises(SystemExit):
