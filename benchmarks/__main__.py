@@ -239,11 +239,17 @@ def _mib(result):
     return f"{result['peak_bytes'] / 2**20:.1f}" if result and "peak_bytes" in result else "n/a"
 
 
-def _peak_share(result, peak):
-    """The fraction of the matmul peak a case reaches: its counted FLOPs over its time, over the peak."""
+def _peak_fraction(result, peak):
+    """The fraction of the matmul peak a case reaches (its counted FLOPs over its time, over the peak), or None."""
     if not (result and "flops" in result and "time_s" in result and peak):
-        return "n/a"
-    return f"{100 * result['flops'] / result['time_s'] / peak:.1f}%"
+        return None
+    return result["flops"] / result["time_s"] / peak
+
+
+def _peak_share(result, peak):
+    """`_peak_fraction` as a percentage."""
+    fraction = _peak_fraction(result, peak)
+    return f"{100 * fraction:.1f}%" if fraction is not None else "n/a"
 
 
 def _ratio(numerator, denominator, key):
@@ -329,11 +335,11 @@ def build_report(results: dict, info: dict) -> str:
         add(label, value, text, verdict)
     for mode, target in (("fwd", 0.5), ("fwdbwd", 0.4)):
         result = get(f"backbone/D-D-M-M/T3-256px/{mode}/fast")
-        fraction = result["flops"] / result["time_s"] / peak if result and "flops" in result and peak else None
+        fraction = _peak_fraction(result, peak)
         label = "forward" if mode == "fwd" else "forward+backward"
         add(
             f"TiMo-Base D-D-M-M {label} at [1,3,3,256,256], fraction of matmul peak",
-            f"{100 * fraction:.1f}%" if fraction is not None else "n/a",
+            _peak_share(result, peak),
             *cpu_target(f">= {int(100 * target)}%", _verdict(fraction, target)),
         )
     layout_results = [get(f"layout_memory/{name}/B2-T3-256px/fwdbwd/fast") for name in LAYOUTS]
