@@ -223,7 +223,7 @@ def test_fast_kernels_gradcheck(attention, frames):
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
 @pytest.mark.parametrize("frames", [1, 3, 7])
 def test_portable_blocked_kernel_matches_reference(attention, frames, monkeypatch):
-    """The device-independent kernel (used off CPU), with row blocks smaller than a frame."""
+    """The device-independent kernel (used off CPU), with blocks smaller than a frame."""
     monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
     monkeypatch.setattr(attention_fast, "BLOCK_ELEMENTS", 40)
     monkeypatch.setattr(attention_fast, "KEEP_COPIES_ELEMENTS", 0)  # STGA's backward makes its token copies again
@@ -269,9 +269,27 @@ def test_fast_kernels_never_hold_frames_times_tokens_squared(attention):
         largest[implementation] = tracker.largest
     assert largest["reference"] >= batch * heads * frames * tokens * (frames + tokens)
     bound = batch * heads * max(tokens * tokens, frames * tokens * (frames + head_dim))
-    if DEVICE.type != "cpu":  # the portable kernel's row blocks: a fixed budget of logits per slice, whatever T
+    if DEVICE.type != "cpu":  # the portable kernel's blocks: a fixed budget of logits per slice, whatever T
         bound = max(bound, batch * heads * attention_fast.BLOCK_ELEMENTS)
     assert largest["fast"] <= bound
+
+
+def test_spatial_backward_in_uneven_key_blocks_equals_one_block(monkeypatch):
+    """The portable spatial backward works through blocks of key columns (the last one shorter here: 24, 24, 16 of
+    64 keys): the same gradients as in one block, with the keys' and values' gradients assembled block by block
+    and the queries' accumulated, and no block of logits above its budget."""
+    query, key = torch.randn(2, 3, 64, 8, device=DEVICE), torch.randn(2, 3, 64, 8, device=DEVICE)
+    value = torch.randn(2, 3, 64, 24, device=DEVICE)  # wider values than queries: the portable kernel on CPU too
+    output, lse = attention_fast.spatial_attention_forward(query, key, value)
+    grad = torch.randn_like(output)
+    one_block = attention_fast.spatial_attention_backward(grad, query, key, value, output, lse)
+    # Backward holds two blocks in half of the forward's: [64 rows, 24 keys] each.
+    monkeypatch.setattr(attention_fast, "BLOCK_ELEMENTS", 2 * 2 * 64 * 24)
+    with LargestTensor() as tracker:
+        blocked = attention_fast.spatial_attention_backward(grad, query, key, value, output, lse)
+    for got, want in zip(blocked, one_block):
+        assert relative_error(got, want) <= 1e-6
+    assert tracker.largest < 2 * 3 * 64 * 64  # no whole [N, N] block of logits
 
 
 # ---------------------------------------------------------------------------------------------------------------

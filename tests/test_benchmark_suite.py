@@ -140,7 +140,7 @@ def test_timed_runs_count_the_page_faults_of_each_timed_call():
 
 
 def test_profile_counts_in_place_products_as_matrix_products():
-    """`baddbmm_` (the spatial backward accumulating its row blocks) is a matrix product with its FLOPs counted,
+    """`baddbmm_` (the spatial backward accumulating over its blocks) is a matrix product with its FLOPs counted,
     although the profiler counts none for it."""
     accumulated, left, right = torch.zeros(3, 16, 8), torch.randn(3, 16, 32), torch.randn(3, 32, 8)
     with torch.profiler.profile(record_shapes=True, with_flops=True) as profiler:

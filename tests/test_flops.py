@@ -101,7 +101,7 @@ def test_table7_script_outside_the_paper_setting(capsys):
 
 
 def test_in_place_products_are_counted_so_block_size_does_not_change_the_count(monkeypatch):
-    """The fast spatial backward accumulates its row blocks with `baddbmm_`, which FlopCounterMode alone counts as 0:
+    """The fast spatial backward accumulates over its blocks with `baddbmm_`, which FlopCounterMode alone counts as 0:
     counted with `flop_formulas`, the backward costs the same FLOPs in one block or in many."""
     from torch.utils.flop_counter import FlopCounterMode
 

@@ -7,11 +7,11 @@ same joint softmax, no scaling) without ever holding the `[T, N, T + N]` logits 
   over the `N` tokens of a frame, which returns its log-sum-exp) and its temporal part (`T` logits per query), and
   the two are merged exactly through their log-sum-exps;
 - STGA's spatial part runs frame by frame through a memory-efficient attention kernel (PyTorch's CPU flash
-  attention where available, else the row-blocked kernel below), so its memory is `O(N * head_dim)` per frame;
+  attention where available, else the blocked kernel below), so its memory is `O(N * head_dim)` per frame;
 - D-STGA's spatial logits `q_med k_med^T + offset(t, n)` share their softmax over keys across frames (the offset
   is constant along the keys), so the spatial softmax is computed once per (batch, head), applied to the values of
-  all `T` frames in one product, and the offset enters only through the log-sum-exp. Its memory is one row block
-  of `N` logits per (batch, head), never `T * N^2`;
+  all `T` frames in one product, and the offset enters only through the log-sum-exp. Its memory is one block of
+  logits (a block of rows in forward, of key columns in backward) per (batch, head), never `T * N^2`;
 - both are `torch.autograd.Function`s that keep the merged log-sum-exp (and the `T x T` temporal weights per
   token) and recompute the spatial weights in backward. The gradient of a spatial log-sum-exp is folded into the
   attention backward through its row term `sum(grad * out)` computed with the merged output, which is why the
@@ -198,24 +198,23 @@ def _row_block(num_rows: int, num_keys: int) -> int:
 
 
 class _WorkBuffers:
-    """`count` reusable `[batch, rows, keys]` blocks of logits, passed as `out=`: allocated (and page-faulted) once
-    per call, not once per row block, which on CPU costs more than the products that fill them.
+    """`count` reusable blocks of logits of up to `[batch, rows, columns]`, passed as `out=`: allocated (and
+    page-faulted) once per call, not once per block, which on CPU costs more than the products that fill them.
 
     While tracing there are none (`view` gives `None`, so each product makes its result): compiled code plans its
     own memory, and an `out=` of a symbolic size pins the sizes to their traced values (a recompilation for every
     other frame count; torch 2.11 fails outright inside the autograd function).
     """
 
-    def __init__(self, batch: int, rows: int, keys: int, like: torch.Tensor, count: int = 1):
-        self.shape = (batch, keys)
+    def __init__(self, batch: int, rows: int, columns: int, like: torch.Tensor, count: int = 1):
+        self.batch = batch
         tracing = torch.compiler.is_compiling()
-        self.storage = None if tracing else like.new_empty((count, batch * rows * keys))
+        self.storage = None if tracing else like.new_empty((count, batch * rows * columns))
 
-    def view(self, rows: int, index: int = 0) -> torch.Tensor | None:
+    def view(self, rows: int, columns: int, index: int = 0) -> torch.Tensor | None:
         if self.storage is None:
             return None
-        batch, keys = self.shape
-        return self.storage[index, : batch * rows * keys].view(batch, rows, keys)
+        return self.storage[index, : self.batch * rows * columns].view(self.batch, rows, columns)
 
 
 def _use_cpu_flash(query: torch.Tensor, value: torch.Tensor) -> bool:
@@ -238,7 +237,7 @@ def spatial_attention_forward(
     outputs, lses = [], []
     for start in range(0, num_rows, block):
         chunk = rows[:, start : start + block]
-        weights = torch.bmm(chunk, keys_t, out=logits.view(chunk.shape[1]))
+        weights = torch.bmm(chunk, keys_t, out=logits.view(chunk.shape[1], num_keys))
         peak = weights.amax(-1, keepdim=True)
         weights = weights.sub_(peak).exp2_()
         total = weights.sum(-1, keepdim=True)
@@ -294,31 +293,32 @@ def spatial_attention_backward(
     else:
         rows_lse, keys_t, grads_row, values_t = rows * LOG2_E, keys.transpose(1, 2), grads, values.transpose(1, 2)
         lse = lse * LOG2_E
-    grad_keys = grad_values = None
-    grad_rows = []
-    # Two blocks of logits are alive at once (weights and their gradient): together they stay within the forward's
-    # one block and within N^2 (small matrices, up to SMALL_BLOCK_ELEMENTS per slice, are done in one block).
-    budget = min(BLOCK_ELEMENTS, max(num_rows * num_keys, SMALL_BLOCK_ELEMENTS))
-    block = max(1, min(_row_block(num_rows, num_keys), budget // (2 * num_keys)))
-    buffers = _WorkBuffers(rows.shape[0], block, num_keys, rows, count=2)
-    for start in range(0, num_rows, block):
-        stop = start + block
-        chunk, grad_chunk = rows[:, start:stop], grads[:, start:stop]
-        size = chunk.shape[1]
-        weights = torch.bmm(rows_lse[:, start:stop], keys_t, out=buffers.view(size))
-        weights = (weights if fold else weights.sub_(lse[:, start:stop])).exp2_()
-        if grad_values is None:
-            grad_values = torch.bmm(weights.transpose(1, 2), grad_chunk)
+    # Blocks of key columns over all rows: each block's keys' and values' gradients then come whole from products
+    # as deep as the rows are many (these run near the matmul peak), and only the queries' gradient, `head_dim`
+    # wide, accumulates over the blocks (row blocks would accumulate the keys' and the wider values' gradients
+    # instead, through products only a block deep). Two blocks of logits are alive at once (weights and their
+    # gradient), half of the forward's one block between them, and at most N^2 (small matrices, up to
+    # SMALL_BLOCK_ELEMENTS per slice, are done in one block).
+    budget = min(BLOCK_ELEMENTS // 2, max(num_rows * num_keys, SMALL_BLOCK_ELEMENTS))
+    block = max(1, min(num_keys, budget // (2 * num_rows)))
+    buffers = _WorkBuffers(rows.shape[0], num_rows, block, rows, count=2)
+    grad_rows = None
+    grad_keys, grad_values = [], []
+    for start in range(0, num_keys, block):
+        size = min(block, num_keys - start)
+        columns = slice(start, start + size)
+        weights = torch.bmm(rows_lse, keys_t[..., columns], out=buffers.view(num_rows, size))
+        weights = (weights if fold else weights.sub_(lse)).exp2_()
+        grad_values.append(torch.bmm(weights.transpose(1, 2), grads))
+        grad_logits = torch.bmm(grads_row, values_t[..., columns], out=buffers.view(num_rows, size, 1))
+        grad_logits = (grad_logits if fold else grad_logits.sub_(row_term)).mul_(weights)
+        grad_keys.append(torch.bmm(grad_logits.transpose(1, 2), rows))
+        if grad_rows is None:
+            grad_rows = torch.bmm(grad_logits, keys[:, columns])
         else:
-            grad_values.baddbmm_(weights.transpose(1, 2), grad_chunk)
-        grad_logits = torch.bmm(grads_row[:, start:stop], values_t, out=buffers.view(size, 1))
-        grad_logits = (grad_logits if fold else grad_logits.sub_(row_term[:, start:stop])).mul_(weights)
-        grad_rows.append(torch.bmm(grad_logits, keys))
-        if grad_keys is None:
-            grad_keys = torch.bmm(grad_logits.transpose(1, 2), chunk)
-        else:
-            grad_keys.baddbmm_(grad_logits.transpose(1, 2), chunk)
-    grad_rows = grad_rows[0] if len(grad_rows) == 1 else torch.cat(grad_rows, dim=1)
+            grad_rows.baddbmm_(grad_logits, keys[:, columns])
+    grad_keys = grad_keys[0] if len(grad_keys) == 1 else torch.cat(grad_keys, dim=1)
+    grad_values = grad_values[0] if len(grad_values) == 1 else torch.cat(grad_values, dim=1)
     return (
         grad_rows.to(query.dtype).view(query.shape),
         grad_keys.to(key.dtype).view(key.shape),
