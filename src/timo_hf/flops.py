@@ -3,10 +3,10 @@
 `torch.utils.flop_counter.FlopCounterMode` counts matrix products and convolutions, but it misses two kinds:
 `scaled_dot_product_attention` on CPU (the kernel `_scaled_dot_product_flash_attention_for_cpu` has no registered
 formula, so MHSA would count 0) and in-place products (`baddbmm_`, `addmm_`: the fast spatial backward accumulates
-the queries' gradient over its blocks with them). `count_flops` registers formulas for those (`flop_formulas`), so they are counted whatever
-the device. Softmax, GELU, normalisation, medians and element-wise ops
-are not counted (as in the paper's and the official measurements); neither are the products over at most 4 frames
-that the fast STGA kernels unroll into element-wise operations (a few percent of an STGA layer's count at most).
+the queries' gradient over its blocks with them). `count_flops` registers formulas for those (`flop_formulas`), so
+they are counted whatever the device. Softmax, GELU, normalisation, medians and element-wise ops are not counted
+(as in the paper's and the official measurements); neither are the products over at most 4 frames that the fast
+STGA kernels unroll into element-wise operations (a few percent of an STGA layer's count at most).
 """
 
 import contextlib
