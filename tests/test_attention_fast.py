@@ -13,7 +13,7 @@ import torch
 import timo_hf.attention_fast as attention_fast
 from timo_hf import TiMoConfig, TiMoModel
 from timo_hf.attention_fast import STGA_IMPLEMENTATIONS, dstga_fast, median_values, stga_fast, temporal_median_fast
-from timo_hf.attention_timo import TiMoQueryOffset, dstga_reference, stga_reference, temporal_median
+from timo_hf.attention_timo import TiMoQueryOffset, temporal_median
 from timo_hf.convert_original import convert_original_checkpoint
 from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
