@@ -2,6 +2,7 @@
 `--resume`, and `--report-only` rebuilds the report from them."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,6 +106,11 @@ def test_allocator_runs_each_case_with_and_without_the_malloc_tunables(monkeypat
     assert {setting: len(runs[setting]) for setting in runs} == {"default": 1, "tuned": 1}
     assert all(run["time_s"] > 0 and run["minor_faults_per_run"] >= 0 for setting in runs for run in runs[setting])
     assert f"| {case} |" in capsys.readouterr().out
+
+
+def test_readme_recommends_the_malloc_tunables_the_allocator_script_measures():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "export " + " ".join(f"{name}={value}" for name, value in TUNED_MALLOC.items()) in readme
 
 
 def test_allocator_refuses_unknown_cases():
