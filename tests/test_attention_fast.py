@@ -103,14 +103,18 @@ def test_median_gradient_compiled_is_eager(frames):
         assert torch.equal(expected[:, :, 0][tied_at_first], grad[tied_at_first])
 
 
+@pytest.mark.parametrize("layout", ["projection", "token copy"])
 @pytest.mark.parametrize("mode", ["float32", "bfloat16 autocast", "compiled"])
-def test_query_offset_is_relu_batchnorm_of_projected_deviation(mode):
+def test_query_offset_is_relu_batchnorm_of_projected_deviation(mode, layout):
     """`ReLU(BatchNorm1d(w . (q - q_med)))` over all queries as one channel, whichever order the module computes in
-    (float32: two products; low precision: the difference first; compiled code: one fused pass)."""
+    (float32: two products; low precision: the difference first; compiled code: one fused pass) and whichever
+    order the queries are stored in (TiMoAttention's projection, the fast D-STGA's token copy)."""
     torch.manual_seed(0)
     offset = TiMoQueryOffset(8).to(DEVICE).train()
     (query, _, _), _, _ = module_layout_inputs(2, 3, 5, 7, 8, dtype=torch.float64)
     query = query.detach().float()
+    if layout == "token copy":
+        query = query.transpose(2, 3).contiguous().transpose(2, 3)
     median = temporal_median(query)
     deviation = (query - median.unsqueeze(2)).double() @ offset.projection.weight.double().squeeze(0)
     expected = torch.relu((deviation - deviation.mean()) / (deviation.var(unbiased=False) + offset.norm.eps).sqrt())
@@ -201,6 +205,25 @@ def test_dstga_from_the_projections_matches(frames, ties):
         results.append((output, *torch.autograd.grad(output, projections, grad)))
     for name, actual, expected in zip(("output", "query grad", "key/value grad"), results[1], results[0]):
         assert relative_error(actual, expected) <= 1e-12, name
+
+
+@pytest.mark.parametrize("frames", FRAME_COUNTS)
+def test_stga_from_the_projections_matches(frames):
+    """TiMoAttention's STGA call (`stga_packed`, whose fast form writes the gradients of the queries and of the packed
+    keys and values in the projections' layout itself) gives the reference's output and projection gradients, and
+    the gradient views it hands autograd are laid out as the projections are (nothing left to re-lay out)."""
+    projections, query, key_value = projection_layout_inputs(frames, ties=False)
+    grad = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    results = []
+    for kernels in (STGA_IMPLEMENTATIONS["reference"], STGA_IMPLEMENTATIONS["fast"]):
+        output = kernels.stga_packed(query, key_value)
+        results.append((output, *torch.autograd.grad(output, projections, grad)))
+    for name, actual, expected in zip(("output", "query grad", "key/value grad"), results[1], results[0]):
+        assert relative_error(actual, expected) <= 1e-12, name
+    output = STGA_IMPLEMENTATIONS["fast"].stga_packed(query, key_value)
+    with torch.no_grad():  # as autograd runs it
+        grad_query, grad_key_value = output.grad_fn.apply(grad)
+    assert grad_query.stride() == query.stride() and grad_key_value.stride() == key_value.stride()
 
 
 @pytest.mark.parametrize("attention", ["stga", "dstga"])

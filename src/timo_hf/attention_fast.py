@@ -347,9 +347,10 @@ def _pad_frames(tokens: torch.Tensor, frames: int) -> torch.Tensor:
 
 
 def _by_token(tensor: torch.Tensor, dtype: torch.dtype, frames: int | None = None) -> torch.Tensor:
-    """`[B, h, T, N, d]` (any strides) -> contiguous `[B, h, N, frames, d]` in `dtype`, the frames past `T` zero."""
-    tokens = tensor.transpose(2, 3)
-    if frames is None or frames == tensor.shape[2]:
+    """`[..., B, h, T, N, d]` (any strides) -> contiguous `[..., B, h, N, frames, d]` in `dtype`, the frames past
+    `T` zero."""
+    tokens = tensor.transpose(-3, -2)
+    if frames is None or frames == tensor.shape[-3]:
         return tokens.contiguous().to(dtype)
     return _pad_frames(tokens.to(dtype), frames)
 
@@ -433,15 +434,22 @@ def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
     return grad_query, grad_key, grad_value
 
 
-def _stga_token_copies(query, key, value, dtype):
-    """STGA's queries, keys and values in token layout, the keys and values padded to `key_frames` frames."""
+def _stga_token_copies(query, key_value, dtype):
+    """STGA's queries and packed keys and values in token layout, the keys and values padded to `key_frames`
+    frames: `(query_tokens, key_tokens, value_tokens)`."""
     frames = key_frames(query.shape[2], query.device)
-    return _by_token(query, dtype), _by_token(key, dtype, frames), _by_token(value, dtype, frames)
+    return _by_token(query, dtype), *_by_token(key_value, dtype, frames).unbind(0)
 
 
 class _STGAFunction(torch.autograd.Function):
+    """STGA from the queries `[B, h, T, N, d]` and the keys and values packed as `[2, B, h, T, N, d]`. In eager code
+    its backward writes the queries' and the packed keys' and values' gradients straight in the inputs' layouts
+    (for TiMoAttention, its projections'): autograd would otherwise stack the keys' and values' gradients and
+    re-lay them out, two passes and two allocations more."""
+
     @staticmethod
-    def forward(ctx, query, key, value):
+    def forward(ctx, query, key_value):
+        key, value = key_value.unbind(0)
         with _no_autocast(query):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
@@ -452,16 +460,19 @@ class _STGAFunction(torch.autograd.Function):
             spatial_out, spatial_lse = spatial_attention_forward(per_frame(query), per_frame(key), per_frame(value))
             spatial_out = spatial_out.view(batch, frames, heads, tokens, head_dim).permute(0, 2, 3, 1, 4)
             spatial_lse = spatial_lse.view(batch, frames, heads, tokens).permute(0, 2, 3, 1)
-            tokens_qkv = _stga_token_copies(query, key, value, stats)
+            tokens_qkv = _stga_token_copies(query, key_value, stats)
             lse, spatial_share, temporal_weights = _merge(spatial_lse, *tokens_qkv[:2])
             output = _combine(spatial_share, spatial_out.to(stats), temporal_weights, tokens_qkv[2], query.dtype)
         ctx.keep_copies = _keep_copies(query)
-        ctx.save_for_backward(query, key, value, output, lse, temporal_weights, *(tokens_qkv if ctx.keep_copies else ()))
+        ctx.save_for_backward(
+            query, key_value, output, lse, temporal_weights, *(tokens_qkv if ctx.keep_copies else ())
+        )
         return output
 
     @staticmethod
     def backward(ctx, grad_output):
-        query, key, value, output, lse, temporal_weights, *tokens_qkv = ctx.saved_tensors
+        query, key_value, output, lse, temporal_weights, *tokens_qkv = ctx.saved_tensors
+        key, value = key_value.unbind(0)
         with _no_autocast(query):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
@@ -470,7 +481,7 @@ class _STGAFunction(torch.autograd.Function):
                 return tensor.transpose(1, 2).reshape(batch * frames, heads, tokens, tensor.shape[-1])
 
             if not ctx.keep_copies:
-                tokens_qkv = _stga_token_copies(query, key, value, stats)
+                tokens_qkv = _stga_token_copies(query, key_value, stats)
             grads_t = _temporal_backward(
                 _by_token(grad_output, stats), *tokens_qkv, temporal_weights, _row_term(grad_output, output, stats)
             )
@@ -483,13 +494,22 @@ class _STGAFunction(torch.autograd.Function):
                 per_frame(output),
                 lse.permute(0, 3, 1, 2).reshape(batch * frames, heads, tokens),
             )
-            return tuple(
+            sums = [
                 (
-                    spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2)
-                    + _by_frame(temporal[..., :frames, :])
-                ).to(like.dtype)
-                for spatial, temporal, like in zip(grads_s, grads_t, (query, key, value))
-            )
+                    spatial.view(batch, frames, heads, tokens, head_dim).transpose(1, 2),
+                    _by_frame(temporal[..., :frames, :]),
+                )
+                for spatial, temporal in zip(grads_s, grads_t)
+            ]
+            # Dynamo refuses a strided `out=` (compiled code fuses the sums anyway), autograd one that would record.
+            if torch.compiler.is_compiling() or torch.is_grad_enabled():
+                grads = [(spatial + temporal).to(query.dtype) for spatial, temporal in sums]
+                return grads[0], torch.stack(grads[1:]).to(key_value.dtype)
+            grad_query = _empty_in_layout(query.shape, query.stride(), query.dtype, grad_output)
+            grad_key_value = _empty_in_layout(key_value.shape, key_value.stride(), key_value.dtype, grad_output)
+            for (spatial, temporal), target in zip(sums, (grad_query, *grad_key_value.unbind(0))):
+                torch.add(spatial, temporal, out=target)
+            return grad_query, grad_key_value
 
 
 def _packed_frames(value_tokens: torch.Tensor, frames: int) -> torch.Tensor:
@@ -621,7 +641,18 @@ class _EagerInputs(torch.autograd.Function):
 
 def stga_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """STGA, equal to `attention_timo.stga_reference` (returned stored token-major, `[B, T, N, heads, d]`)."""
-    return _STGAFunction.apply(query, key, value)
+    return _STGAFunction.apply(query, torch.stack((key, value)))
+
+
+def stga_fast_packed(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """`stga_fast` with the keys and values packed as `[2, B, h, T, N, d]` (TiMoAttention's call: views of its
+    projections, whose gradients it then writes in their own layout)."""
+    return _STGAFunction.apply(query, key_value)
+
+
+def stga_reference_packed(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
+    """`attention_timo.stga_reference` with the keys and values packed as `[2, B, h, T, N, d]`."""
+    return stga_reference(query, *key_value.unbind(0))
 
 
 def _token_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -645,12 +676,12 @@ def dstga_fast_with_offset(query, key_value, query_offset) -> torch.Tensor:
         key, value = key_value.unbind(0)
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
         query_tokens, key_tokens, value_tokens = _token_copies(query, key, value)
-        # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there
-        # instead of saving it.
-        offset = query_offset(_by_frame(query_tokens), query_median)
     else:
         query_median, key_median, query_tokens, key_tokens, value_tokens = _EagerInputs.apply(query, key_value)
-        offset = query_offset(query, query_median)
+    # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there instead of
+    # saving it, and in eager code the offset's share of the queries' gradient is added where D-STGA's is (in
+    # place), not in a sum of its own.
+    offset = query_offset(_by_frame(query_tokens), query_median)
     return _DSTGAFunction.apply(query_tokens, key_tokens, value_tokens, offset, query_median, key_median)
 
 
@@ -662,14 +693,18 @@ def dstga_reference_with_offset(query, key_value, query_offset) -> torch.Tensor:
 
 
 class StgaKernels:
-    """The kernels of one `stga_implementation`: `median(x)`, `stga(q, k, v)`, `dstga(q, k, v, offset, q_median)`
-    and `dstga_with_offset(q, key_value, query_offset)` (what TiMoAttention calls)."""
+    """The kernels of one `stga_implementation`: `median(x)`, `stga(q, k, v)`, `dstga(q, k, v, offset, q_median)`,
+    and the two that TiMoAttention calls with the keys and values packed: `stga_packed(q, key_value)` and
+    `dstga_with_offset(q, key_value, query_offset)`."""
 
-    def __init__(self, median, stga, dstga, dstga_with_offset):
-        self.median, self.stga, self.dstga, self.dstga_with_offset = median, stga, dstga, dstga_with_offset
+    def __init__(self, median, stga, stga_packed, dstga, dstga_with_offset):
+        self.median, self.stga, self.stga_packed = median, stga, stga_packed
+        self.dstga, self.dstga_with_offset = dstga, dstga_with_offset
 
 
 STGA_IMPLEMENTATIONS = {
-    "reference": StgaKernels(temporal_median, stga_reference, dstga_reference, dstga_reference_with_offset),
-    "fast": StgaKernels(temporal_median_fast, stga_fast, dstga_fast, dstga_fast_with_offset),
+    "reference": StgaKernels(
+        temporal_median, stga_reference, stga_reference_packed, dstga_reference, dstga_reference_with_offset
+    ),
+    "fast": StgaKernels(temporal_median_fast, stga_fast, stga_fast_packed, dstga_fast, dstga_fast_with_offset),
 }

@@ -97,14 +97,14 @@ class TiMoQueryOffset(nn.Module):
             # One fused pass over the queries in compiled code (a product with one output column does not fuse).
             weight = self.projection.weight.view(-1)
             return ((query - query_median.unsqueeze(2)) * weight).sum(-1)
-        # Projected in the order TiMoAttention stores the queries (`[B, T, N, heads, d]`), where flattening them
-        # for the product is a view, not a copy.
-        by_token = (0, 2, 3, 1, 4)
+        # Projected in the order the queries are stored in (TiMoAttention's `[B, T, N, heads, d]`, the fast D-STGA's
+        # token copy `[B, heads, N, T, d]`), where flattening them for the product is a view, not a copy.
+        order = sorted(range(4), key=lambda dim: -query.stride(dim))
+        median = query_median.unsqueeze(2)
         if low_precision:  # the two rounded products of the other order could cancel
-            projected = self.projection((query - query_median.unsqueeze(2)).permute(by_token))
+            projected = self.projection((query - median).permute(*order, 4))
         else:
             # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
             # scalars, not of vectors.
-            projected = self.projection(query.permute(by_token))
-            projected = projected - self.projection(query_median.transpose(1, 2)).unsqueeze(1)
-        return projected.squeeze(-1).permute(0, 3, 1, 2)
+            projected = self.projection(query.permute(*order, 4)) - self.projection(median.permute(*order, 4))
+        return projected.squeeze(-1).permute(sorted(range(4), key=order.__getitem__))

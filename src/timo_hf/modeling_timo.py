@@ -279,10 +279,10 @@ class TiMoAttention(nn.Module):
             frames = (batch_size, self.num_heads, num_frames, length // num_frames, self.head_dim)
             query, key_value = query.reshape(frames), key_value.reshape(2, *frames)
             kernels = STGA_IMPLEMENTATIONS[self.config.stga_implementation]
+            # Packed: the fast kernels write the keys' and values' gradient in the projection's layout at once.
             if self.attention_type == "stga":
-                output = kernels.stga(query, *key_value.unbind(0))
+                output = kernels.stga_packed(query, key_value)
             else:
-                # Packed: the fast kernel writes the keys' and values' gradient in the projection's layout at once.
                 output = kernels.dstga_with_offset(query, key_value, self.query_offset)
             # The fast kernels store their output token-major: this is a view of it.
             output = output.flatten(2, 3).transpose(1, 2)
