@@ -293,7 +293,9 @@ def build_report(results: dict, info: dict) -> str:
         f"{origin}; {where}; times are medians of the listed repeats after a warm-up "
         "run. Memory (`MiB`) is the peak of the tensors "
         "created by the measured code and alive at once (inputs excluded; counted at the dispatcher, so scratch "
-        "space inside a kernel is not seen); the raw results also "
+        "space inside a kernel is not seen, and where two gradients of one tensor meet, their sum, which autograd "
+        "makes in place in a plain run and out of place under a dispatcher hook, counts as one tensor more); the "
+        "raw results also "
         "hold the peak growth of the process's resident set on CPU, of the CUDA allocator's allocated memory on "
         "CUDA (`peak_resident_bytes`); for compiled cases only the latter exists and is shown."
         + (

@@ -117,7 +117,9 @@ class TensorMemory(TorchDispatchMode):
 
     Counts every storage an operator returns (inputs and tensors created before the block excluded), freed when its
     storage is; deterministic, unlike the resident set. Scratch memory inside a kernel (e.g. the blocks of a fused
-    attention kernel) is not seen, nor is memory allocated by compiled (inductor) code.
+    attention kernel) is not seen, nor is memory allocated by compiled (inductor) code. Under any dispatch mode
+    autograd sums two gradients of one tensor out of place (in a plain run it adds one to the other in place), so
+    such a sum counts here as one tensor more than a plain run makes.
     """
 
     def __init__(self):

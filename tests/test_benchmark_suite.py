@@ -1,6 +1,7 @@
 """The benchmark suite's runner (`python -m benchmarks`): a failing case is recorded, the raw results are kept for
 `--resume`, and `--report-only` rebuilds the report from them."""
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import benchmarks.__main__ as suite
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
-from benchmarks.common import time_and_count_runs
+from benchmarks.common import TensorMemory, time_and_count_runs
 from benchmarks.profile import kind_of, operator_flops
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
@@ -167,3 +168,25 @@ def test_attention_cases_count_the_flops_of_the_products_they_run():
         for implementation in ("reference", "fast")
     }
     assert 0 < counted["reference"] < counted["fast"] < 1.03 * counted["reference"]
+
+
+
+def test_tensor_memory_counts_the_peak_and_the_gradient_sum_a_plain_run_makes_in_place():
+    """The tensor peak counts what the block creates and holds at once; where two gradients of one tensor meet,
+    autograd adds one to the other in place in a plain run but makes their sum anew under a dispatch mode (as the
+    report says: such a sum counts as one tensor more)."""
+    with TensorMemory() as memory:
+        held = [torch.empty(256, 256) for _ in range(3)]
+    assert memory.peak_bytes == 3 * held[0].numel() * held[0].element_size()
+    leaf = torch.randn(256, 256, requires_grad=True)
+
+    def gradient_sums(*modes) -> list[str]:
+        with torch.profiler.profile() as profiler, contextlib.ExitStack() as stack:
+            for mode in modes:
+                stack.enter_context(mode)
+            twice = leaf * 2
+            torch.autograd.grad((twice.exp() + twice.sin()).sum(), leaf)  # `twice` gets two gradients
+        return {event.name for event in profiler.events() if event.name in ("aten::add", "aten::add_")}
+
+    assert gradient_sums() == {"aten::add", "aten::add_"}  # the forward's sum, then the gradients in place
+    assert gradient_sums(TensorMemory()) == {"aten::add"}
