@@ -32,7 +32,14 @@ import contextlib
 
 import torch
 
-from .attention_timo import autocast_enabled, dstga_reference, stga_reference, temporal_median
+from .attention_timo import (
+    autocast_enabled,
+    dstga_reference,
+    inverse_permutation,
+    memory_order,
+    stga_reference,
+    temporal_median,
+)
 
 
 # The portable spatial kernel holds at most this many logits per (batch * head) slice at a time.
@@ -503,8 +510,8 @@ class _STGAFunction(torch.autograd.Function):
             ]
             # Dynamo refuses a strided `out=` (compiled code fuses the sums anyway), autograd one that would record.
             if torch.compiler.is_compiling() or torch.is_grad_enabled():
-                grads = [(spatial + temporal).to(query.dtype) for spatial, temporal in sums]
-                return grads[0], torch.stack(grads[1:]).to(key_value.dtype)
+                grads = [spatial + temporal for spatial, temporal in sums]
+                return grads[0].to(query.dtype), torch.stack(grads[1:]).to(key_value.dtype)
             grad_query = _empty_in_layout(query.shape, query.stride(), query.dtype, grad_output)
             grad_key_value = _empty_in_layout(key_value.shape, key_value.stride(), key_value.dtype, grad_output)
             for (spatial, temporal), target in zip(sums, (grad_query, *grad_key_value.unbind(0))):
@@ -589,9 +596,9 @@ class _DSTGAFunction(torch.autograd.Function):
 def _empty_in_layout(shape: torch.Size, strides: tuple[int, ...], dtype: torch.dtype, like: torch.Tensor):
     """An uninitialised dense tensor of `shape` whose dimensions are ordered in memory as `strides` order them (the
     strides themselves where those describe a dense tensor, as `torch.empty_like` does)."""
-    order = sorted(range(len(shape)), key=lambda dim: -strides[dim])
+    order = memory_order(strides)
     tensor = like.new_empty([shape[dim] for dim in order], dtype=dtype)
-    return tensor.permute(sorted(range(len(shape)), key=order.__getitem__))
+    return tensor.permute(inverse_permutation(order))
 
 
 class _EagerInputs(torch.autograd.Function):

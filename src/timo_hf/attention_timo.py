@@ -30,6 +30,16 @@ def autocast_enabled(tensor: torch.Tensor) -> bool:
     return device_type in _AUTOCAST_DEVICES and torch.is_autocast_enabled(device_type)
 
 
+def memory_order(strides) -> list[int]:
+    """The dimensions from the outermost in memory to the innermost (largest stride first; ties keep their order)."""
+    return sorted(range(len(strides)), key=lambda dim: -strides[dim])
+
+
+def inverse_permutation(order: list[int]) -> list[int]:
+    """The permutation that undoes `tensor.permute(order)`."""
+    return sorted(range(len(order)), key=order.__getitem__)
+
+
 def temporal_median(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Median over the frames; for an even count the lower of the two middle values (as `torch.median`)."""
     return tensor.median(dim=dim).values
@@ -99,7 +109,7 @@ class TiMoQueryOffset(nn.Module):
             return ((query - query_median.unsqueeze(2)) * weight).sum(-1)
         # Projected in the order the queries are stored in (TiMoAttention's `[B, T, N, heads, d]`, the fast D-STGA's
         # token copy `[B, heads, N, T, d]`), where flattening them for the product is a view, not a copy.
-        order = sorted(range(4), key=lambda dim: -query.stride(dim))
+        order = memory_order(query.stride()[:4])
         median = query_median.unsqueeze(2)
         if low_precision:  # the two rounded products of the other order could cancel
             projected = self.projection((query - median).permute(*order, 4))
@@ -107,4 +117,4 @@ class TiMoQueryOffset(nn.Module):
             # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
             # scalars, not of vectors.
             projected = self.projection(query.permute(*order, 4)) - self.projection(median.permute(*order, 4))
-        return projected.squeeze(-1).permute(sorted(range(4), key=order.__getitem__))
+        return projected.squeeze(-1).permute(inverse_permutation(order))
