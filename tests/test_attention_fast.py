@@ -13,7 +13,7 @@ import torch
 import timo_hf.attention_fast as attention_fast
 from timo_hf import TiMoConfig, TiMoModel
 from timo_hf.attention_fast import STGA_IMPLEMENTATIONS, dstga_fast, median_values, stga_fast, temporal_median_fast
-from timo_hf.attention_timo import TiMoQueryOffset, temporal_median
+from timo_hf.attention_timo import TiMoQueryOffset, pack_like, temporal_median, unpack
 from timo_hf.convert_original import convert_original_checkpoint
 from timo_hf.modeling_timo import TiMoAttention, TiMoLayer
 
@@ -226,6 +226,40 @@ def test_stga_from_the_projections_matches(frames):
     assert grad_query.stride() == query.stride() and grad_key_value.stride() == key_value.stride()
 
 
+def packed_projection_view(batch=2, length=12, heads=3, head_dim=4):
+    """A `[B, T*N, 2C]` key/value projection and its `[2, B, heads, T*N, head_dim]` view, as in TiMoAttention."""
+    projection = torch.randn(batch, length, 2 * heads * head_dim, device=DEVICE, requires_grad=True)
+    return projection, projection.view(batch, length, 2, heads, head_dim).permute(2, 0, 3, 1, 4)
+
+
+def test_unpack_and_pack_like_keep_the_packed_layout():
+    """`unpack` is `unbind(0)` and `pack_like` is `torch.stack`, the latter laid out as the packed tensor (for the
+    projection's view and for a contiguous tensor)."""
+    _, projection_view = packed_projection_view()
+    for packed in (projection_view.detach(), projection_view.detach().contiguous()):
+        parts = unpack(packed)
+        for part, expected in zip(parts, packed.unbind(0)):
+            assert torch.equal(part, expected) and part.stride() == expected.stride()
+        stacked = pack_like([part.clone() for part in parts], packed)
+        assert torch.equal(stacked, packed) and stacked.stride() == packed.stride()
+
+
+def test_unpacked_projection_gradient_is_one_stack_without_a_copy():
+    """Autograd stacks the unpacked keys' and values' gradients straight in the projection's layout: no copy
+    after the stack (with `unbind(0)` there is one, into the projection's layout)."""
+
+    def backward_ops(split):
+        projection, packed = packed_projection_view()
+        key, value = split(packed)
+        loss = (key * torch.randn_like(key)).sum() + (value * torch.randn_like(value)).sum()
+        with torch.profiler.profile() as profiler:
+            loss.backward()
+        return [event.name for event in profiler.events() if event.name in ("aten::stack", "aten::copy_")]
+
+    assert backward_ops(unpack) == ["aten::stack"]
+    assert backward_ops(lambda packed: packed.unbind(0)) == ["aten::stack", "aten::copy_"]
+
+
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
 @pytest.mark.parametrize("frames", [3, 6])
 def test_fast_kernels_gradcheck(attention, frames):
@@ -419,21 +453,24 @@ def test_torch_compile_block_without_graph_breaks(attention, tiny_config_kwargs)
 @pytest.mark.parametrize(
     "attention, shapes",
     [
-        # STGA's frame count stays symbolic (6 and 7 frames are both padded to 8 on CPU); D-STGA's median network is
-        # built for one frame count, so there only the batch size varies.
+        # STGA's and MHSA's frame count stays symbolic (6 and 7 frames are both padded to 8 on CPU for STGA); D-STGA's
+        # median network is built for one frame count, so there only the batch size varies.
         ("stga", [(2, 6), (3, 7)]),
         ("dstga", [(2, 6), (3, 6)]),
+        ("mhsa", [(2, 6), (3, 7)]),
     ],
 )
 def test_dynamic_compile_keeps_sizes_symbolic(attention, shapes, tiny_config_kwargs, monkeypatch):
     """A block compiled with dynamic shapes (as torch.compile does by itself once a size changes, e.g. at an
-    epoch's last, smaller batch) serves other batch sizes and, for STGA, frame counts without recompiling, with
-    the eager block's output and gradients: nothing in the kernels pins a size to its traced value (torch 2.11
-    fails outright on such a pin inside an autograd function). STGA runs the portable spatial kernel here, as on
-    GPUs (the CPU flash kernel is the other path)."""
+    epoch's last, smaller batch) serves other batch sizes and, for STGA and MHSA, frame counts without recompiling,
+    with the eager block's output and gradients: nothing in the kernels (nor in the keys' and values' unpacking,
+    which orders the projection's strides) pins a size to its traced value (torch 2.11 fails outright on such a pin
+    inside an autograd function). STGA runs the portable spatial kernel here, as on GPUs (the CPU flash kernel is
+    the other path); MHSA runs SDPA, as a TiMoModel would."""
     monkeypatch.setattr(attention_fast, "_CPU_FLASH", None)
     torch.manual_seed(0)
-    layer = TiMoLayer(TiMoConfig(**tiny_config_kwargs), 16, 2, attention, 0.0).to(DEVICE).train()
+    config = TiMoConfig(**tiny_config_kwargs, attn_implementation="sdpa")
+    layer = TiMoLayer(config, 16, 2, attention, 0.0).to(DEVICE).train()
     compiled = torch.compile(layer, fullgraph=True, dynamic=True, backend="aot_eager")
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):

@@ -22,7 +22,8 @@ the per-token products write rows a whole number of 8-float vectors wide; the pa
 
 In eager code, D-STGA's token copies and medians are made by one more autograd function (`_EagerInputs`) from the
 module's projections, whose backward writes the queries' and the packed keys' and values' gradients in the
-projections' own layouts.
+projections' own layouts. Compiled code gets the keys' and values' gradient in the projection's layout from
+`attention_timo.unpack` (D-STGA) and `attention_timo.pack_like` (STGA's backward): one stack, no re-layout after it.
 
 Inputs of any floating dtype work; the softmax statistics are kept in float32 (float64 for float64 inputs) and
 autocast is suspended inside the kernels, which compute in the dtype of their inputs.
@@ -37,8 +38,10 @@ from .attention_timo import (
     dstga_reference,
     inverse_permutation,
     memory_order,
+    pack_like,
     stga_reference,
     temporal_median,
+    unpack,
 )
 
 
@@ -511,7 +514,7 @@ class _STGAFunction(torch.autograd.Function):
             # Dynamo refuses a strided `out=` (compiled code fuses the sums anyway), autograd one that would record.
             if torch.compiler.is_compiling() or torch.is_grad_enabled():
                 grads = [spatial + temporal for spatial, temporal in sums]
-                return grads[0].to(query.dtype), torch.stack(grads[1:]).to(key_value.dtype)
+                return grads[0].to(query.dtype), pack_like(grads[1:], key_value).to(key_value.dtype)
             grad_query = _empty_in_layout(query.shape, query.stride(), query.dtype, grad_output)
             grad_key_value = _empty_in_layout(key_value.shape, key_value.stride(), key_value.dtype, grad_output)
             for (spatial, temporal), target in zip(sums, (grad_query, *grad_key_value.unbind(0))):
@@ -659,7 +662,7 @@ def stga_fast_packed(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tens
 
 def stga_reference_packed(query: torch.Tensor, key_value: torch.Tensor) -> torch.Tensor:
     """`attention_timo.stga_reference` with the keys and values packed as `[2, B, h, T, N, d]`."""
-    return stga_reference(query, *key_value.unbind(0))
+    return stga_reference(query, *unpack(key_value))
 
 
 def _token_copies(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor):
@@ -680,7 +683,7 @@ def dstga_fast_with_offset(query, key_value, query_offset) -> torch.Tensor:
     """`dstga_fast` with the keys and values packed as `[2, B, h, T, N, d]` and its offset branch
     `query_offset(query, query_median) -> offset` (TiMoAttention's call)."""
     if torch.compiler.is_compiling():  # compiled code fuses the copies and the median networks anyway
-        key, value = key_value.unbind(0)
+        key, value = unpack(key_value)
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
         query_tokens, key_tokens, value_tokens = _token_copies(query, key, value)
     else:
@@ -696,7 +699,7 @@ def dstga_reference_with_offset(query, key_value, query_offset) -> torch.Tensor:
     """`attention_timo.dstga_reference` with the keys and values packed as `[2, B, h, T, N, d]` and its offset
     branch `query_offset(query, query_median) -> offset`."""
     query_median = temporal_median(query)
-    return dstga_reference(query, *key_value.unbind(0), query_offset(query, query_median), query_median)
+    return dstga_reference(query, *unpack(key_value), query_offset(query, query_median), query_median)
 
 
 class StgaKernels:

@@ -31,13 +31,38 @@ def autocast_enabled(tensor: torch.Tensor) -> bool:
 
 
 def memory_order(strides) -> list[int]:
-    """The dimensions from the outermost in memory to the innermost (largest stride first; ties keep their order)."""
-    return sorted(range(len(strides)), key=lambda dim: -strides[dim])
+    """The dimensions from the outermost in memory to the innermost (largest stride first; ties keep their order).
+
+    An insertion sort of plain comparisons: under torch.compile with dynamic shapes the strides are symbolic, and
+    Dynamo sorts only by constant keys (each comparison here becomes a guard that holds for any size instead)."""
+    order: list[int] = []
+    for dim in range(len(strides)):
+        position = len(order)
+        while position and strides[order[position - 1]] < strides[dim]:
+            position -= 1
+        order.insert(position, dim)
+    return order
 
 
 def inverse_permutation(order: list[int]) -> list[int]:
     """The permutation that undoes `tensor.permute(order)`."""
     return sorted(range(len(order)), key=order.__getitem__)
+
+
+def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """`packed.unbind(0)`, unbound where dimension 0 lies in memory: autograd then stacks the parts' gradients
+    straight in the layout of `packed` (for TiMoAttention's keys and values, their projection's), not along
+    dimension 0 and then copied into that layout."""
+    order = memory_order(packed.stride())
+    restore = inverse_permutation([dim - 1 for dim in order if dim != 0])
+    return tuple(part.permute(restore) for part in packed.permute(order).unbind(order.index(0)))
+
+
+def pack_like(parts: list[torch.Tensor], packed: torch.Tensor) -> torch.Tensor:
+    """`torch.stack(parts)` laid out in memory like `packed` (the inverse of `unpack`): one pass, no re-layout."""
+    order = memory_order(packed.stride())
+    in_memory = [dim - 1 for dim in order if dim != 0]
+    return torch.stack([part.permute(in_memory) for part in parts], order.index(0)).permute(inverse_permutation(order))
 
 
 def temporal_median(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .attention_fast import STGA_IMPLEMENTATIONS
-from .attention_timo import TiMoQueryOffset
+from .attention_timo import TiMoQueryOffset, unpack
 from .configuration_timo import TiMoConfig
 
 
@@ -270,7 +270,7 @@ class TiMoAttention(nn.Module):
         # [2, B, heads, T*N, head_dim]: a view of the projection.
         key_value = key_value.view(batch_size, length, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.attention_type == "mhsa":
-            key, value = key_value.unbind(0)
+            key, value = unpack(key_value)
             attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
                 self.config._attn_implementation, eager_attention_forward
             )
