@@ -49,20 +49,26 @@ def inverse_permutation(order: list[int]) -> list[int]:
     return sorted(range(len(order)), key=order.__getitem__)
 
 
+def _packing_order(packed: torch.Tensor) -> tuple[list[int], list[int]]:
+    """`packed`'s dimensions in memory order, and its parts' (dimension 0 left out) in memory order."""
+    order = memory_order(packed.stride())
+    return order, [dim - 1 for dim in order if dim != 0]
+
+
 def unpack(packed: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """`packed.unbind(0)`, unbound where dimension 0 lies in memory: autograd then stacks the parts' gradients
     straight in the layout of `packed` (for TiMoAttention's keys and values, their projection's), not along
     dimension 0 and then copied into that layout."""
-    order = memory_order(packed.stride())
-    restore = inverse_permutation([dim - 1 for dim in order if dim != 0])
+    order, parts_order = _packing_order(packed)
+    restore = inverse_permutation(parts_order)
     return tuple(part.permute(restore) for part in packed.permute(order).unbind(order.index(0)))
 
 
 def pack_like(parts: list[torch.Tensor], packed: torch.Tensor) -> torch.Tensor:
     """`torch.stack(parts)` laid out in memory like `packed` (the inverse of `unpack`): one pass, no re-layout."""
-    order = memory_order(packed.stride())
-    in_memory = [dim - 1 for dim in order if dim != 0]
-    return torch.stack([part.permute(in_memory) for part in parts], order.index(0)).permute(inverse_permutation(order))
+    order, parts_order = _packing_order(packed)
+    stacked = torch.stack([part.permute(parts_order) for part in parts], order.index(0))
+    return stacked.permute(inverse_permutation(order))
 
 
 def temporal_median(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
