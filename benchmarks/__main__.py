@@ -13,7 +13,9 @@ next) unless `--in-process` (meant for CUDA, where a case's start-up would cost 
 allocator's statistics are reset per case); times are medians over `--repeats` runs after one warm-up run (two
 under torch.compile). The attention cases (the sweep over T included) run in `--processes` processes whose timed
 runs are pooled: on CPU a process's median moves with the allocator's state (page faults: up to ~20% at T=30,
-1.5x for the multi-GB reference at 256 px), more than between runs of one process. Memory is the peak
+1.5x for the multi-GB reference at 256 px), more than between runs of one process. The cases a ratio compares
+(reference, fast, and at T=30 the compiled ones) alternate process by process, so that a drift of the machine
+between minutes of a run does not land on one side of the ratio only. Memory is the peak
 extra memory of one more run (resident set on CPU, allocated memory on CUDA). The ratios are computed from numbers
 of the same run only, and every number written to RESULTS.md comes from this script.
 """
@@ -75,7 +77,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def all_cases(device: str, repeats: int, processes: int = 1) -> list[dict]:
-    """Every case, cheapest first and compiled ones last (a run cut short keeps the most). On an accelerator also
+    """Every case, cheapest first and compiled ones last (a run cut short keeps the most; the compiled attention
+    cases run with the eager ones they are compared with, see `run_group`). On an accelerator also
     the whole-model compiled cases and the fine-tuning step, which would take minutes per step on a CPU."""
     accelerator = device != "cpu"
     cases = [{"id": "matmul_peak", "kind": "matmul_peak"}]
@@ -177,12 +180,34 @@ def run_in_process(case: dict) -> dict:
     return {**result, "wall_s": time.monotonic() - start}
 
 
-def run_pooled(case: dict, timeout: int, idle_wait: float, in_process: bool = False) -> dict:
-    """`run_case` in `case["processes"]` processes (default one), their timed runs pooled: `time_s` is the median
-    over all of them, `process_times_s` each process's median; memory is the largest peak seen."""
+def comparison_group(case: dict) -> str | None:
+    """The cases an attention case is compared with share its id up to the implementation (`.../reference`,
+    `.../fast`, `.../fast+compile`): their processes alternate (see `run_group`). Other cases run alone."""
+    return case["id"].rsplit("/", 1)[0] if case.get("kind") == "attention" else None
+
+
+def run_group(cases: list[dict], timeout: int, idle_wait: float, in_process: bool = False) -> dict:
+    """`{case id: result}` for cases that are compared with each other (`comparison_group`), each run in
+    `case["processes"]` processes (default one) and pooled as `pool_runs` does. The processes alternate in rounds,
+    the order reversed every other round (reference, fast, fast, reference, ...): a drift of the machine over the
+    minutes of a run then hits both sides of a ratio alike, and round `i` of each case ran side by side."""
     if in_process:
-        return run_in_process(case)
-    runs = [run_case(case, timeout, idle_wait) for _ in range(case.get("processes", 1))]
+        return {case["id"]: run_in_process(case) for case in cases}
+    runs = {case["id"]: [] for case in cases}
+    for round_index in range(max(case.get("processes", 1) for case in cases)):
+        for case in cases if round_index % 2 == 0 else reversed(cases):
+            if round_index < case.get("processes", 1):
+                runs[case["id"]].append(run_case(case, timeout, idle_wait))
+    together = [case["id"] for case in cases]
+    return {
+        case_id: {**pooled, "interleaved_with": together} if len(together) > 1 and "error" not in pooled else pooled
+        for case_id, pooled in ((case_id, pool_runs(case_runs)) for case_id, case_runs in runs.items())
+    }
+
+
+def pool_runs(runs: list[dict]) -> dict:
+    """One case's runs (processes) pooled: `time_s` is the median over all their timed runs, `process_times_s`
+    each process's median; memory is the largest peak seen. A failed run stands for the case."""
     failed = [run for run in runs if "error" in run or "times_s" not in run]
     if len(runs) == 1 or failed:
         return failed[0] if failed else runs[0]
@@ -263,6 +288,16 @@ def _fmt_ratio(value):
     return f"{value:.2f}x" if value is not None else "n/a"
 
 
+def round_ratios(slower: dict | None, faster: dict | None) -> list[float]:
+    """The ratio of the two cases' process medians round by round, where their processes alternated in one group
+    (`run_group`); empty otherwise (e.g. one of them kept from an earlier invocation by `--resume`)."""
+    if not (slower and faster and "process_times_s" in slower and "process_times_s" in faster):
+        return []
+    if slower.get("interleaved_with") != faster.get("interleaved_with") or not slower.get("interleaved_with"):
+        return []
+    return [a / max(b, 1e-12) for a, b in zip(slower["process_times_s"], faster["process_times_s"])]
+
+
 def _verdict(value, target):
     if value is None:
         return "not measured"
@@ -279,8 +314,8 @@ def build_report(results: dict, info: dict) -> str:
     where = (
         "all cases ran in one process"
         if info.get("in_process")
-        else "each case ran in its own process (the attention cases in several, their repeats pooled; the raw "
-        "results list each process's median as `process_times_s`)"
+        else "each case ran in its own process (the attention cases in several, their repeats pooled, the processes "
+        "of the cases a ratio compares alternating; the raw results list each process's median as `process_times_s`)"
     )
     origin = (
         f"that run and the {info['resumed']} earlier invocation(s) it resumed (`--resume`: their cases were kept, "
@@ -324,17 +359,19 @@ def build_report(results: dict, info: dict) -> str:
 
     rows = []
 
-    def add(name, value, target, detail=""):
-        rows.append((name, _fmt_ratio(value) if not isinstance(value, str) else value, target, detail))
+    def add(name, value, target, detail="", per_round=""):
+        rows.append((name, _fmt_ratio(value) if not isinstance(value, str) else value, target, detail, per_round))
 
     def cpu_target(text, verdict):
         """The issue's ratio and peak targets are set for its CPU: elsewhere they are shown for information."""
         return (text, verdict) if on_cpu else (f"({text} on the CPU)", "")
 
     for label, slower, faster, key, target in RATIO_TARGETS:
-        value = _ratio(get(f"attention/{slower}"), get(f"attention/{faster}"), key)
+        slower_result, faster_result = get(f"attention/{slower}"), get(f"attention/{faster}")
+        value = _ratio(slower_result, faster_result, key)
         text, verdict = cpu_target(f">= {target}x", _verdict(value, target)) if target else ("(info)", "")
-        add(label, value, text, verdict)
+        rounds = round_ratios(slower_result, faster_result) if key == "time_s" else []
+        add(label, value, text, verdict, ", ".join(_fmt_ratio(ratio) for ratio in rounds))
     for mode, target in (("fwd", 0.5), ("fwdbwd", 0.4)):
         result = get(f"backbone/D-D-M-M/T3-256px/{mode}/fast")
         fraction = _peak_fraction(result, peak)
@@ -370,8 +407,16 @@ def build_report(results: dict, info: dict) -> str:
             )
         else:
             add(f"Fine-tuning step{how}, peak memory", "n/a", f"<= {PAPER_FINETUNE_BYTES / 2e9:.1f} GB", "not measured")
-    lines += ["## Targets (issue #9)", "", "| what | measured | target | verdict |", "|---|---|---|---|"]
-    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    lines += [
+        "## Targets (issue #9)",
+        "",
+        "`per round`: for a speed-up, the ratio of the two cases' medians in each round of processes that ran side "
+        "by side (see `run_group`); `measured` is the ratio of their pooled medians.",
+        "",
+        "| what | measured | target | verdict | per round |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} | {e} |" for a, b, c, d, e in rows]
     lines += [""]
 
     # Attention kernels ------------------------------------------------------------------------------------------
@@ -566,6 +611,18 @@ def build_report(results: dict, info: dict) -> str:
     return "\n".join(lines)
 
 
+def describe(result: dict) -> str:
+    """One case's result in a few words, for the progress lines."""
+    if "error" in result:
+        return "FAILED: " + result["error"]
+    if "time_s" not in result:
+        return "done"
+    others = result.get("others_cpu_share")
+    return f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB" + (
+        f" (others used {100 * others:.0f}% of the CPUs meanwhile)" if others is not None else ""
+    )
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -655,25 +712,23 @@ def main(argv=None) -> None:
         info["resumed"] = previous["info"].get("resumed", 0) + 1
         info["note"] = args.note or previous["info"].get("note")
         print(f"resuming: {len(results)} cases already measured in {args.json}")
-    for index, case in enumerate(cases, 1):
+    position = {case["id"]: index for index, case in enumerate(cases, 1)}
+    for case in cases:
         if case["id"] in results:
             continue
-        print(f"[{index}/{len(cases)}] {case['id']} ...", end=" ", flush=True)
-        results[case["id"]] = run_pooled(case, args.timeout, args.idle_wait, args.in_process)
-        if args.json:  # after every case, so that an interrupted run loses nothing (see --resume)
+        group_key = comparison_group(case)
+        group = [c for c in cases if c["id"] not in results and group_key and comparison_group(c) == group_key]
+        group = group or [case]
+        print(
+            f"[{', '.join(str(position[c['id']]) for c in group)}/{len(cases)}] "
+            f"{', '.join(c['id'] for c in group)} ...",
+            flush=True,
+        )
+        results.update(run_group(group, args.timeout, args.idle_wait, args.in_process))
+        if args.json:  # after every group, so that an interrupted run loses nothing (see --resume)
             args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
-        result = results[case["id"]]
-        if "error" in result:
-            print("FAILED:", result["error"], flush=True)
-        elif "time_s" in result:
-            others = result.get("others_cpu_share")
-            print(
-                f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB"
-                + (f" (others used {100 * others:.0f}% of the CPUs meanwhile)" if others is not None else ""),
-                flush=True,
-            )
-        else:
-            print("done", flush=True)
+        for member in group:
+            print(f"  {member['id']}: {describe(results[member['id']])}", flush=True)
     if not args.only or any("table7" in key for key in args.only):
         from timo_hf.flops import table7
 

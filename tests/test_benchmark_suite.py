@@ -119,17 +119,34 @@ def test_allocator_refuses_unknown_cases():
         allocator_main(["--only", "attention/dstga/T30-48px/fwdbwd/fas"])
 
 
-def test_pooled_processes_keep_each_process_median_and_page_faults(monkeypatch):
-    runs = iter([
-        {"times_s": [0.01, 0.03], "time_s": 0.02, "minor_faults_per_run": 100.0},
-        {"times_s": [0.04], "time_s": 0.04, "minor_faults_per_run": 900.0},
-        {"times_s": [0.05], "time_s": 0.05, "minor_faults_per_run": 300.0},
-    ])
-    monkeypatch.setattr(suite, "run_case", lambda case, timeout, idle_wait: next(runs))
-    pooled = suite.run_pooled({"id": "x", "processes": 3}, timeout=1, idle_wait=0)
-    assert pooled["times_s"] == [0.01, 0.03, 0.04, 0.05] and pooled["time_s"] == 0.035
-    assert pooled["process_times_s"] == [0.02, 0.04, 0.05]
-    assert pooled["process_minor_faults_per_run"] == [100.0, 900.0, 300.0] and pooled["minor_faults_per_run"] == 300.0
+def test_compared_cases_alternate_process_by_process_and_the_report_gives_each_rounds_ratio(monkeypatch):
+    """The processes of the cases a ratio compares run in rounds, the order reversed every other round; each case
+    pools its processes' timed runs and keeps each process's median and page faults, and the report divides the
+    medians round by round."""
+    ids = ["attention/dstga/T30-48px/fwdbwd/reference", "attention/dstga/T30-48px/fwdbwd/fast"]
+    medians = {ids[0]: iter([0.06, 0.08, 0.07]), ids[1]: iter([0.03, 0.02, 0.05])}
+    order = []
+
+    def fake_run_case(case, timeout, idle_wait):
+        order.append(case["id"])
+        median = next(medians[case["id"]])
+        return {"times_s": [median - 0.001, median + 0.001], "time_s": median, "minor_faults_per_run": 1e3 * median}
+
+    monkeypatch.setattr(suite, "run_case", fake_run_case)
+    cases = [{"id": case_id, "kind": "attention", "processes": 3} for case_id in ids]
+    assert {suite.comparison_group(case) for case in cases} == {"attention/dstga/T30-48px/fwdbwd"}
+    results = suite.run_group(cases, timeout=1, idle_wait=0)
+    assert order == [ids[0], ids[1], ids[1], ids[0], ids[0], ids[1]]
+    fast = results[ids[1]]
+    assert fast["process_times_s"] == [0.03, 0.02, 0.05] and fast["time_s"] == pytest.approx(0.03)
+    assert fast["process_minor_faults_per_run"] == [30.0, 20.0, 50.0] and fast["minor_faults_per_run"] == 30.0
+    assert results[ids[0]]["interleaved_with"] == fast["interleaved_with"] == ids
+    assert suite.round_ratios(results[ids[0]], fast) == pytest.approx([2.0, 4.0, 1.4])
+    # A case kept from an earlier invocation did not run side by side with the other: no ratios per round.
+    assert suite.round_ratios({**results[ids[0]], "interleaved_with": ids[:1]}, fast) == []
+    info = {"date": "today", "command": "test", "load_before": "0", "load_after": "0"}
+    report = suite.build_report({case_id: {**result, "peak_bytes": 1} for case_id, result in results.items()}, info)
+    assert "| D-STGA stage-1 fwd+bwd speed-up, T=30 48px, eager | 2.33x | >= 2x | met | 2.00x, 4.00x, 1.40x |" in report
 
 
 def test_timed_runs_count_the_page_faults_of_each_timed_call():
