@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from .common import cpu_times, load_average, wait_until_idle
+from .figures import plot_sweep, sweep_figure_path
 from .flops_table7 import format_table7
 
 
@@ -41,6 +42,19 @@ SHAPES = {
     "T30-48px": (1, 30, 13, 48, 48),
 }
 SWEEP_FRAMES = (2, 4, 8, 16, 32)
+# The sweep's 64x64 px frames give N = 256 stage-1 tokens, attended by 4 heads of 32 channels (batch 1, float32).
+SWEEP_TOKENS, SWEEP_HEADS, SWEEP_HEAD_DIM = 256, 4, 32
+# One N x N float32 matrix per (batch, head), times batch x heads.
+SWEEP_LOGITS_BYTES = SWEEP_HEADS * SWEEP_TOKENS**2 * 4
+# The issue's memory rule for the fast D-STGA, `N^2 + O(T * N * (T + d))` per (batch, head), against the reference's
+# `T * N^2`; the figure draws each term (times batch x heads, float32) beside the measured peaks.
+SWEEP_GUIDES = {
+    "N^2 per (batch, head)": lambda frames: SWEEP_LOGITS_BYTES,
+    "T x N^2 per (batch, head)": lambda frames: frames * SWEEP_LOGITS_BYTES,
+    "T x N x (T + d) per (batch, head)": (
+        lambda frames: SWEEP_HEADS * frames * SWEEP_TOKENS * (frames + SWEEP_HEAD_DIM) * 4
+    ),
+}
 LAYOUTS = {
     "M-M-M-M": ("mhsa", "mhsa", "mhsa", "mhsa"),
     "S-M-M-M": ("stga", "mhsa", "mhsa", "mhsa"),
@@ -98,7 +112,7 @@ def all_cases(device: str, repeats: int, processes: int = 1) -> list[dict]:
         for implementation in IMPLEMENTATIONS:
             cases.append(
                 {
-                    "id": f"sweep/dstga/T{frames}-64px/fwdbwd/{implementation}",
+                    "id": sweep_case_id(frames, implementation),
                     "kind": "attention", "attention": "dstga", "shape": (1, frames, 3, 64, 64), "mode": "fwdbwd",
                     "implementation": implementation, "repeats": repeats, "processes": processes,
                 }
@@ -304,7 +318,25 @@ def _verdict(value, target):
     return "met" if value >= target else "NOT met"
 
 
-def build_report(results: dict, info: dict) -> str:
+def sweep_case_id(frames: int, implementation: str) -> str:
+    return f"sweep/dstga/T{frames}-64px/fwdbwd/{implementation}"
+
+
+def sweep_series(results: dict) -> dict[str, list[tuple[int, float, int]]]:
+    """The sweep's measured `(frames, seconds, peak bytes)` per implementation (cases that failed left out)."""
+    series = {}
+    for implementation in IMPLEMENTATIONS:
+        measured = [(frames, results.get(sweep_case_id(frames, implementation))) for frames in SWEEP_FRAMES]
+        series[implementation] = [
+            (frames, result["time_s"], result["peak_bytes"])
+            for frames, result in measured
+            if result and "time_s" in result and "peak_bytes" in result
+        ]
+    return series
+
+
+def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> str:
+    """The report in Markdown; `sweep_figure`: the file name of the sweep's figure (`plot_sweep`), beside it."""
     get = results.get
     peak = (get("matmul_peak") or {}).get("matmul_peak", {}).get("flops_per_s")
     machine = (get("matmul_peak") or {}).get("machine", {})
@@ -494,14 +526,24 @@ def build_report(results: dict, info: dict) -> str:
         "`N^2/(b,h)` is the size of one N x N float32 matrix per (batch, head) times batch x heads; the reference "
         "holds several `T x N x (T + N)` tensors.",
         "",
+        *(
+            [
+                "The figure draws the same cases on log scales, the memory panel with the terms of the issue's memory "
+                f"rule as guides: `N^2`, `T x N^2` and `T x N x (T + d)` per (batch, head), d = {SWEEP_HEAD_DIM}.",
+                "",
+                f"![D-STGA time and memory over T]({sweep_figure})",
+                "",
+            ]
+            if sweep_figure
+            else []
+        ),
         "| T | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio | N^2/(b,h) MiB "
         "| T*N^2/(b,h) MiB | reference % peak | fast % peak |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for frames in SWEEP_FRAMES:
-        ref = get(f"sweep/dstga/T{frames}-64px/fwdbwd/reference")
-        fast = get(f"sweep/dstga/T{frames}-64px/fwdbwd/fast")
-        n2 = 4 * 256 * 256 * 4 / 2**20
+        ref, fast = get(sweep_case_id(frames, "reference")), get(sweep_case_id(frames, "fast"))
+        n2 = SWEEP_LOGITS_BYTES / 2**20
         lines.append(
             f"| {frames} | {_ms(ref)} | {_ms(fast)} | {_fmt_ratio(_ratio(ref, fast, 'time_s'))} | {_mib(ref)} | "
             f"{_mib(fast)} | {_fmt_ratio(_ratio(ref, fast, 'peak_bytes'))} | {n2:.1f} | {frames * n2:.1f} | "
@@ -623,6 +665,24 @@ def describe(result: dict) -> str:
     )
 
 
+def write_report(results: dict, info: dict, output: Path | None) -> None:
+    """Print the report (its raw results left out) and, unless `output` is None, write it there with the sweep's
+    figure beside it (where the sweep was measured)."""
+    figure = None
+    if output is not None:
+        device = (results.get("matmul_peak") or {}).get("machine", {}).get("device", info.get("device", "cpu"))
+        title = (
+            "D-STGA stage-1 attention over T at 64x64 px (N = 256, 4 heads), forward+backward, "
+            f"{device} {info.get('dtype', 'float32')}"
+        )
+        figure = plot_sweep(sweep_series(results), SWEEP_GUIDES, title, sweep_figure_path(output))
+    report = build_report(results, info, sweep_figure=figure.name if figure else None)
+    print(report.split("## Raw results")[0])
+    if output is not None:
+        output.write_text(report)
+        print(f"written {output}" + (f" and {figure}" if figure else ""))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -675,11 +735,7 @@ def main(argv=None) -> None:
         if args.note:
             saved["info"]["note"] = args.note
             args.json.write_text(json.dumps(saved, indent=1))
-        report = build_report(saved["results"], saved["info"])
-        print(report.split("## Raw results")[0])
-        if not args.no_write:
-            args.output.write_text(report)
-            print(f"written {args.output}")
+        write_report(saved["results"], saved["info"], None if args.no_write else args.output)
         return
 
     if args.clock == "cpu" and args.threads != 1:
@@ -734,13 +790,9 @@ def main(argv=None) -> None:
 
         info["table7"] = table7()
     info["load_after"] = load_average()
-    report = build_report(results, info)
-    print(report.split("## Raw results")[0])
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results}, indent=1))
-    if not args.no_write:
-        args.output.write_text(report)
-        print(f"written {args.output}")
+    write_report(results, info, None if args.no_write else args.output)
 
 
 if __name__ == "__main__":

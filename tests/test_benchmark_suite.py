@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import benchmarks.__main__ as suite
 from benchmarks.__main__ import main, run_in_process
@@ -43,6 +44,33 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     text = report.read_text()
     assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
+    # No sweep case was measured: no figure, and the report links none.
+    assert not suite.sweep_figure_path(report).exists() and "![" not in text
+
+
+def test_the_report_links_a_figure_of_the_sweep_over_t_written_beside_it(tmp_path, capsys):
+    results = {
+        suite.sweep_case_id(frames, implementation): {
+            "time_s": scale * frames * 1e-3, "peak_bytes": scale * frames << 20
+        }
+        for frames in suite.SWEEP_FRAMES
+        for implementation, scale in (("reference", 4), ("fast", 1))
+    }
+    # A case not measured and one that failed: their points are left out.
+    del results[suite.sweep_case_id(32, "fast")]
+    results[suite.sweep_case_id(16, "reference")] = {"error": "killed"}
+    assert suite.sweep_series(results)["fast"] == [(t, t * 1e-3, t << 20) for t in suite.SWEEP_FRAMES[:-1]]
+    assert [point[0] for point in suite.sweep_series(results)["reference"]] == [2, 4, 8, 32]
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"info": {"date": "today", "command": "test", "load_before": "0", "load_after": "0"},
+                               "results": results}))
+    report = tmp_path / "RESULTS-x.md"
+    main(["--report-only", "--json", str(raw), "--output", str(report)])
+    figure = tmp_path / "RESULTS-x-dstga-over-T.png"
+    assert f"written {report} and {figure}" in capsys.readouterr().out
+    assert "![D-STGA time and memory over T](RESULTS-x-dstga-over-T.png)" in report.read_text()
+    with Image.open(figure) as image:
+        assert image.format == "PNG" and image.width > 500 and image.height > 300
 
 
 @pytest.mark.parametrize("option", ["--processes", "--repeats"])

@@ -27,6 +27,8 @@ import torch
 import yaml
 from accelerate.tracking import GeneralTracker
 
+from timo_hf.plotting import pyplot
+
 
 # ----------------------------------------------------------------------------------------------- configuration
 class _ConfigLoader(yaml.SafeLoader):
@@ -300,10 +302,7 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike, key: str = "loss") -> Path | None:
     """Plot `key` against `step` from a metrics JSONL file to a PNG (None when nothing was logged)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     records = [r for r in read_jsonl(metrics_path) if key in r] if Path(metrics_path).is_file() else []
     if not records:

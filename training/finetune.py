@@ -93,6 +93,7 @@ from timo_hf.convert_original import (  # noqa: E402
 from timo_hf.image_processing_timo import TiMoImageProcessor  # noqa: E402
 from timo_hf.metrics import ConfusionMatrix  # noqa: E402
 from timo_hf.modeling_timo import TiMoForImageClassification, TiMoForSemanticSegmentation  # noqa: E402
+from timo_hf.plotting import pyplot  # noqa: E402
 
 
 logger = logging.getLogger("timo_hf.finetune")
@@ -454,10 +455,7 @@ def _finite(value: float) -> float | None:
 # ----------------------------------------------------------------------------------------------------------- plots
 def plot_confusion_matrix(matrix: torch.Tensor, class_names: list[str], path: Path, title: str) -> None:
     """Row-normalised confusion matrix (rows: ground truth) with the counts written in the cells."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     counts = matrix.double().numpy()
     normalised = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
@@ -490,10 +488,7 @@ def display_bands(band_names: list[str] | None, num_channels: int) -> list[int]:
 
 def save_quicklooks(quicklooks: list[dict], band_names, class_names: list[str], folder: Path, task: str) -> list[Path]:
     """One PNG per sample: every input frame as RGB (2-98% stretch), the ground truth and the prediction."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
+    plt = pyplot()
 
     folder.mkdir(parents=True, exist_ok=True)
     cmap = plt.get_cmap("tab20", max(len(class_names), 2))

@@ -10,6 +10,8 @@ import numpy as np
 import rasterio
 from rasterio.enums import Resampling
 
+from ..plotting import pyplot
+
 
 NODATA_RGBA = (0, 0, 0, 0)
 
@@ -40,10 +42,7 @@ def write_quicklook(
 ) -> Path:
     """Render band `band` of the class map at most `max_size` pixels wide/high, with a legend of `class_names`
     (and their share of the valid pixels, when given); nodata is transparent."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib import pyplot as plt
+    plt = pyplot()
     from matplotlib.patches import Patch
 
     with rasterio.open(map_path) as dataset:

@@ -1,0 +1,13 @@
+"""matplotlib for the PNGs timo_hf writes (quicklooks, loss curves, benchmark figures)."""
+
+
+def pyplot():
+    """`matplotlib.pyplot` on the non-interactive Agg backend, unless the caller chose a backend already (a
+    notebook's inline one): the figures are written to files, never shown. Imported on first use, so that code
+    which writes no figure does not pay for matplotlib's import."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib import pyplot as plt
+
+    return plt
