@@ -667,15 +667,18 @@ def describe(result: dict) -> str:
 
 def write_report(results: dict, info: dict, output: Path | None) -> None:
     """Print the report (its raw results left out) and, unless `output` is None, write it there with the sweep's
-    figure beside it (where the sweep was measured)."""
+    figure beside it (where the sweep was measured; else a figure of an earlier report there is removed, so that
+    none is left beside a report that does not show it)."""
     figure = None
     if output is not None:
         device = (results.get("matmul_peak") or {}).get("machine", {}).get("device", info.get("device", "cpu"))
         title = (
-            "D-STGA stage-1 attention over T at 64x64 px (N = 256, 4 heads), forward+backward, "
-            f"{device} {info.get('dtype', 'float32')}"
+            f"D-STGA stage-1 attention over T at 64x64 px (N = {SWEEP_TOKENS}, {SWEEP_HEADS} heads), "
+            f"forward+backward, {device} {info.get('dtype', 'float32')}"
         )
         figure = plot_sweep(sweep_series(results), SWEEP_GUIDES, title, sweep_figure_path(output))
+        if figure is None:
+            sweep_figure_path(output).unlink(missing_ok=True)
     report = build_report(results, info, sweep_figure=figure.name if figure else None)
     print(report.split("## Raw results")[0])
     if output is not None:

@@ -40,12 +40,14 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     assert resumed["results"] == first["results"] and resumed["info"]["resumed"] == 1
 
     report = tmp_path / "RESULTS.md"
+    stale_figure = suite.sweep_figure_path(report)
+    stale_figure.write_bytes(b"the figure of an earlier report")
     main(["--report-only", "--json", str(raw), "--output", str(report), "--note", "a remark"])
     text = report.read_text()
     assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
-    # No sweep case was measured: no figure, and the report links none.
-    assert not suite.sweep_figure_path(report).exists() and "![" not in text
+    # No sweep case was measured: no figure (an earlier one is removed), and the report links none.
+    assert not stale_figure.exists() and "![" not in text
 
 
 def test_the_report_links_a_figure_of_the_sweep_over_t_written_beside_it(tmp_path, capsys):
