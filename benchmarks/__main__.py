@@ -676,9 +676,10 @@ def write_report(results: dict, info: dict, output: Path | None) -> None:
             f"D-STGA stage-1 attention over T at 64x64 px (N = {SWEEP_TOKENS}, {SWEEP_HEADS} heads), "
             f"forward+backward, {device} {info.get('dtype', 'float32')}"
         )
-        figure = plot_sweep(sweep_series(results), SWEEP_GUIDES, title, sweep_figure_path(output))
+        figure_path = sweep_figure_path(output)
+        figure = plot_sweep(sweep_series(results), SWEEP_GUIDES, title, figure_path)
         if figure is None:
-            sweep_figure_path(output).unlink(missing_ok=True)
+            figure_path.unlink(missing_ok=True)
     report = build_report(results, info, sweep_figure=figure.name if figure else None)
     print(report.split("## Raw results")[0])
     if output is not None:

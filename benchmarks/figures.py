@@ -19,8 +19,8 @@ def plot_sweep(
     series: dict[str, list[tuple[int, float, int]]], guides: dict[str, Callable[[int], float]], title: str, path: Path
 ) -> Path | None:
     """Forward+backward time and peak memory over T, one line per implementation (`series`: its measured
-    `(frames, seconds, peak bytes)`), the memory panel with `guides` (label: bytes as a function of T) as dashed
-    lines. Returns None, writing nothing, where no point was measured."""
+    `(frames, seconds, peak bytes)`), the memory panel with `guides` (label: bytes as a function of T) as black
+    guide lines. Returns None, writing nothing, where no point was measured."""
     frames = sorted({point[0] for points in series.values() for point in points})
     if not frames:
         return None

@@ -2,9 +2,9 @@
 
 
 def pyplot():
-    """`matplotlib.pyplot` on the non-interactive Agg backend, unless the caller chose a backend already (a
-    notebook's inline one): the figures are written to files, never shown. Imported on first use, so that code
-    which writes no figure does not pay for matplotlib's import."""
+    """`matplotlib.pyplot`, switched to the non-interactive Agg backend: the figures are written to files, never
+    shown, and no display is needed. Imported on first use, so that code which writes no figure does not pay for
+    matplotlib's import."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
