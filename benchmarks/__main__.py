@@ -17,7 +17,8 @@ runs are pooled: on CPU a process's median moves with the allocator's state (pag
 (reference, fast, and at T=30 the compiled ones) alternate process by process, so that a drift of the machine
 between minutes of a run does not land on one side of the ratio only. Memory is the peak
 extra memory of one more run (resident set on CPU, allocated memory on CUDA). The ratios are computed from numbers
-of the same run only, and every number written to RESULTS.md comes from this script.
+of the same run only, and every number written to RESULTS.md comes from this script; the report names the commit
+it measured and any uncommitted changes to the checkout.
 """
 
 import argparse
@@ -31,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import cpu_times, load_average, wait_until_idle
+from .common import code_version, cpu_times, load_average, wait_until_idle
 from .figures import plot_sweep, sweep_figure_path
 from .flops_table7 import format_table7
 
@@ -87,7 +88,8 @@ RATIO_TARGETS = [
     ("STGA stage-1 fwd+bwd memory reduction, T=3 256px", "stga/T3-256px/fwdbwd/reference",
      "stga/T3-256px/fwdbwd/fast", "peak_bytes", None),
 ]
-RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 
 
 def all_cases(device: str, repeats: int, processes: int = 1) -> list[dict]:
@@ -243,14 +245,13 @@ def run_case(case: dict, timeout: int, idle_wait: float, env: dict | None = None
     all CPUs)."""
     busy_before = wait_until_idle(max_wait=idle_wait) if idle_wait > 0 else None
     command = [sys.executable, "-m", "benchmarks.cases", json.dumps(case)]
-    root = Path(__file__).resolve().parents[1]
     env = dict(os.environ if env is None else env)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     busy0, total0 = cpu_times()
     start = time.monotonic()
     try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=root, env=env)
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     busy1, total1 = cpu_times()
@@ -312,6 +313,26 @@ def round_ratios(slower: dict | None, faster: dict | None) -> list[float]:
     return [a / max(b, 1e-12) for a, b in zip(slower["process_times_s"], faster["process_times_s"])]
 
 
+def describe_code(info: dict) -> str:
+    """Where the measured code came from (`code_version`), for the report's first line; empty for raw results
+    written before runs recorded it."""
+    text = _describe_code(info.get("code"))
+    if "resumed_code" in info:
+        earlier = _describe_code(info["resumed_code"]) or " with code of which nothing was recorded"
+        text += f" (the cases kept from the resumed invocation(s) ran{earlier})"
+    return text
+
+
+def _describe_code(code: dict | None) -> str:
+    if code is None:
+        return ""
+    if code["commit"] is None:
+        return " with code outside a git checkout (its commit is not known)"
+    changed = code["changed"]
+    suffix = f", plus uncommitted changes to {', '.join(f'`{path}`' for path in changed)}" if changed else ""
+    return f" with the code of commit {code['commit'][:12]}{suffix}"
+
+
 def _verdict(value, target):
     if value is None:
         return "not measured"
@@ -356,8 +377,8 @@ def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> 
         else "that one run"
     )
     lines += [
-        f"Written by `python -m benchmarks` on {info['date']} ({info['command']}). Every number below comes from "
-        f"{origin}; {where}; times are medians of the listed repeats after a warm-up "
+        f"Written by `python -m benchmarks` on {info['date']} ({info['command']}){describe_code(info)}. "
+        f"Every number below comes from {origin}; {where}; times are medians of the listed repeats after a warm-up "
         "run. Memory (`MiB`) is the peak of the tensors "
         "created by the measured code and alive at once (inputs excluded; counted at the dispatcher, so scratch "
         "space inside a kernel is not seen, and where two gradients of one tensor meet, their sum, which autograd "
@@ -757,6 +778,7 @@ def main(argv=None) -> None:
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
         "load_before": load_average(),
+        "code": code_version(ROOT),
         "threads": args.threads,
         "clock": args.clock,
         "device": args.device,
@@ -771,6 +793,8 @@ def main(argv=None) -> None:
         info["command"] = previous["info"]["command"] + " (resumed by: " + info["command"] + ")"
         info["resumed"] = previous["info"].get("resumed", 0) + 1
         info["note"] = args.note or previous["info"].get("note")
+        if previous["info"].get("code") != info["code"]:  # the kept cases measured other code
+            info["resumed_code"] = previous["info"].get("code")
         print(f"resuming: {len(results)} cases already measured in {args.json}")
     position = {case["id"]: index for index, case in enumerate(cases, 1)}
     for case in cases:

@@ -4,8 +4,10 @@ import os
 import platform
 import resource
 import statistics
+import subprocess
 import time
 import weakref
+from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -227,6 +229,23 @@ def wait_until_idle(threshold: float = 0.1, max_wait: float = 300.0) -> float:
         time.sleep(2.0)
         busy = busy_fraction()
     return busy
+
+
+def code_version(root: Path) -> dict:
+    """The code a run measures: `{"commit": sha, "changed": [paths]}` for the git checkout at `root` (the tracked
+    files that differ from the commit and the untracked ones git does not ignore, as `git status` lists them), or
+    `{"commit": None}` where `root` is not one (a copy of the working tree without `.git`, as a lent GPU gets)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=True).stdout
+
+    if not (root / ".git").exists():
+        return {"commit": None}
+    try:
+        commit = git("rev-parse", "HEAD").strip()
+        status = git("status", "--porcelain", "--untracked-files=all", "--", ".")
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None}
+    return {"commit": commit, "changed": sorted(line[3:] for line in status.splitlines() if line.strip())}
 
 
 def load_average() -> str:

@@ -3,6 +3,7 @@
 
 import contextlib
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ import benchmarks.__main__ as suite
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
-from benchmarks.common import TensorMemory, time_and_count_runs
+from benchmarks.common import TensorMemory, code_version, time_and_count_runs
 from benchmarks.profile import kind_of, operator_flops
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
@@ -33,11 +34,17 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     assert peak > 0
     capsys.readouterr()
 
+    assert first["info"]["code"] == code_version(suite.ROOT)
+    # As if the first invocation had measured another commit.
+    first["info"]["code"] = {"commit": "0123456789abcdef" * 2 + "01234567", "changed": []}
+    raw.write_text(json.dumps(first))
+
     main(common + ["--no-write", "--resume"])
     resumed = json.loads(raw.read_text())
     out = capsys.readouterr().out
     assert "resuming: 1 cases already measured" in out and "[1/1]" not in out
     assert resumed["results"] == first["results"] and resumed["info"]["resumed"] == 1
+    assert resumed["info"]["resumed_code"] == first["info"]["code"]
 
     report = tmp_path / "RESULTS.md"
     stale_figure = suite.sweep_figure_path(report)
@@ -45,6 +52,7 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     main(["--report-only", "--json", str(raw), "--output", str(report), "--note", "a remark"])
     text = report.read_text()
     assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
+    assert "(the cases kept from the resumed invocation(s) ran with the code of commit 0123456789ab)" in text
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
     # No sweep case was measured: no figure (an earlier one is removed), and the report links none.
     assert not stale_figure.exists() and "![" not in text
@@ -73,6 +81,36 @@ def test_the_report_links_a_figure_of_the_sweep_over_t_written_beside_it(tmp_pat
     assert "![D-STGA time and memory over T](RESULTS-x-dstga-over-T.png)" in report.read_text()
     with Image.open(figure) as image:
         assert image.format == "PNG" and image.width > 500 and image.height > 300
+
+
+def test_a_run_records_the_commit_and_the_uncommitted_changes_of_the_code_it_measures(tmp_path):
+    repo = tmp_path / "checkout"
+    repo.mkdir()
+    (repo / "kernel.py").write_text("A = 1\n")
+    assert code_version(repo) == {"commit": None}
+
+    def git(*args):
+        command = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@example.org", *args]
+        return subprocess.run(command, check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q")
+    (repo / ".gitignore").write_text("*.log\n")
+    git("add", ".")
+    git("commit", "-q", "-m", "first")
+    commit = git("rev-parse", "HEAD")
+    assert code_version(repo) == {"commit": commit, "changed": []}
+    (repo / "kernel.py").write_text("A = 2\n")
+    (repo / "new_module.py").write_text("")
+    (repo / "run.log").write_text("ignored")
+    assert code_version(repo) == {"commit": commit, "changed": ["kernel.py", "new_module.py"]}
+
+    info = {"date": "today", "command": "test", "load_before": "0", "load_after": "0", "code": code_version(repo)}
+    report = suite.build_report({}, info)
+    assert f"with the code of commit {commit[:12]}, plus uncommitted changes to `kernel.py`, `new_module.py`." in report
+    outside = suite.build_report({}, {**info, "code": {"commit": None}})
+    assert "(test) with code outside a git checkout (its commit is not known). Every number" in outside
+    # Raw results of runs that did not record the code: the report says nothing of it.
+    assert "(test). Every number" in suite.build_report({}, {key: info[key] for key in info if key != "code"})
 
 
 @pytest.mark.parametrize("option", ["--processes", "--repeats"])
