@@ -317,9 +317,10 @@ def describe_code(info: dict) -> str:
     """Where the measured code came from (`code_version`), for the report's first line; empty for raw results
     written before runs recorded it."""
     text = _describe_code(info.get("code"))
-    if "resumed_code" in info:
-        earlier = _describe_code(info["resumed_code"]) or " with code of which nothing was recorded"
-        text += f" (the cases kept from the resumed invocation(s) ran{earlier})"
+    if info.get("resumed_codes"):
+        unknown = " with code of which nothing was recorded"
+        earlier = ";".join(_describe_code(code) or unknown for code in info["resumed_codes"])
+        text += f" (cases kept from the resumed invocation(s) ran{earlier})"
     return text
 
 
@@ -793,8 +794,11 @@ def main(argv=None) -> None:
         info["command"] = previous["info"]["command"] + " (resumed by: " + info["command"] + ")"
         info["resumed"] = previous["info"].get("resumed", 0) + 1
         info["note"] = args.note or previous["info"].get("note")
-        if previous["info"].get("code") != info["code"]:  # the kept cases measured other code
-            info["resumed_code"] = previous["info"].get("code")
+        # The code every earlier invocation measured, where it differs from this one's: some kept cases ran it.
+        earlier = [*previous["info"].get("resumed_codes", []), previous["info"].get("code")]
+        info["resumed_codes"] = [
+            code for index, code in enumerate(earlier) if code != info["code"] and code not in earlier[:index]
+        ]
         print(f"resuming: {len(results)} cases already measured in {args.json}")
     position = {case["id"]: index for index, case in enumerate(cases, 1)}
     for case in cases:

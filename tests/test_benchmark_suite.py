@@ -44,15 +44,19 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     out = capsys.readouterr().out
     assert "resuming: 1 cases already measured" in out and "[1/1]" not in out
     assert resumed["results"] == first["results"] and resumed["info"]["resumed"] == 1
-    assert resumed["info"]["resumed_code"] == first["info"]["code"]
+    assert resumed["info"]["resumed_codes"] == [first["info"]["code"]]
+    # Resumed again with the same code: the cases of the first invocation still ran the other commit.
+    main(common + ["--no-write", "--resume"])
+    assert json.loads(raw.read_text())["info"]["resumed_codes"] == [first["info"]["code"]]
+    capsys.readouterr()
 
     report = tmp_path / "RESULTS.md"
     stale_figure = suite.sweep_figure_path(report)
     stale_figure.write_bytes(b"the figure of an earlier report")
     main(["--report-only", "--json", str(raw), "--output", str(report), "--note", "a remark"])
     text = report.read_text()
-    assert "Note: a remark" in text and "the 1 earlier invocation(s) it resumed" in text
-    assert "(the cases kept from the resumed invocation(s) ran with the code of commit 0123456789ab)" in text
+    assert "Note: a remark" in text and "the 2 earlier invocation(s) it resumed" in text
+    assert "(cases kept from the resumed invocation(s) ran with the code of commit 0123456789ab)" in text
     assert f"measured float32 matmul peak: {peak / 1e9:.1f} GFLOP/s" in text
     # No sweep case was measured: no figure (an earlier one is removed), and the report links none.
     assert not stale_figure.exists() and "![" not in text
