@@ -82,6 +82,41 @@ def test_median_gradient_with_ties_goes_to_the_first_tied_frame():
     assert torch.equal(grad, torch.tensor([[0.0, 1.0, 0.0, 0.0, 0.0]]))
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_a_nan_median_takes_its_gradient_at_the_first_nan_frame_as_torch_median(compiled):
+    """A NaN among the frames makes the median NaN; its gradient goes where torch.median's index points (the first
+    NaN frame), instead of past the last frame (an index error in eager code, a lost gradient in compiled code)."""
+    tensor = torch.randn(2, 3, 7, 6, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    tensor[0, 1, 4, 2, 3] = tensor[0, 1, 2, 2, 3] = tensor[1, 0, 6, 5, 0] = float("nan")
+    grad = torch.randn(2, 3, 6, 4).to(DEVICE)
+    median = torch.compile(temporal_median_fast, fullgraph=True) if compiled else temporal_median_fast
+    leaf = tensor.clone().requires_grad_()
+    values = median(leaf)
+    expected = torch.autograd.grad(temporal_median(leaf), leaf, grad)[0]
+    assert torch.equal(values.isnan(), temporal_median(tensor).isnan()) and values.isnan().sum() == 2
+    assert torch.equal(torch.autograd.grad(values, leaf, grad)[0], expected)
+
+
+def test_a_nan_in_the_projections_reaches_outputs_and_gradients_as_in_the_reference():
+    """Eager D-STGA (medians of the module's projections, `_EagerInputs`) with a NaN query: what the reference gives
+    (NaN everywhere the offset's batch norm spreads it), not an index error in backward."""
+    frames, tokens, width = 5, 16, 32
+    results = {}
+    for implementation in ("reference", "fast"):
+        torch.manual_seed(0)
+        config = TiMoConfig.from_preset("base", stga_implementation=implementation)
+        module = TiMoAttention(config, width, 2, "dstga").to(DEVICE)
+        generator = torch.Generator().manual_seed(1)
+        query = torch.randn(1, frames * tokens, width, generator=generator).to(DEVICE)
+        query[0, 3 * tokens + 2, 5] = float("nan")
+        key_value = torch.randn(1, frames * tokens, 2 * width, generator=generator).to(DEVICE)
+        inputs = (query.requires_grad_(), key_value.requires_grad_())
+        output = module.attend(*inputs, frames)
+        results[implementation] = (output, *torch.autograd.grad(output, inputs, torch.ones_like(output)))
+    for expected, actual in zip(results["reference"], results["fast"]):
+        assert torch.equal(actual.isnan(), expected.isnan()) and expected.isnan().any()
+
+
 @pytest.mark.parametrize("frames", [1, 3, 30])
 def test_median_gradient_compiled_is_eager(frames):
     """Under torch.compile the gradient is routed by a fused comparison instead of a scatter: same result."""

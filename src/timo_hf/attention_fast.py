@@ -154,6 +154,11 @@ def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch
     frames = tensor.shape[dim]
     shape = (-1,) + (1,) * (tensor.dim() - dim - 1)
     matching = tensor == median.unsqueeze(dim)
+    # A NaN frame makes the median NaN (min and max propagate it), and NaN equals nothing: the median's frame is then
+    # the first NaN one, as torch.median's index says (where the median is a number, no frame is NaN). Eager CPU code
+    # looks for NaN frames only if a median is NaN: a pass over the medians instead of one over all frames.
+    if torch.compiler.is_compiling() or tensor.device.type != "cpu" or median.isnan().any():
+        matching |= tensor.isnan()
     if torch.compiler.is_compiling() or frames > 255:
         reversed_frames = torch.arange(frames, 0, -1, dtype=torch.float32, device=tensor.device).view(shape)
         return frames - torch.where(matching, reversed_frames, 0.0).amax(dim)
@@ -193,7 +198,7 @@ def temporal_median_fast(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
     """Same values as `attention_timo.temporal_median` (lower median over the frames), several times faster on CPU.
 
     The gradient reaches the median element, like `torch.median`'s; where several frames hold exactly the median
-    value (ties), it goes to the first of them.
+    value (ties), it goes to the first of them, and a NaN median's (a NaN among the frames) to the first NaN frame.
     """
     return _TemporalMedian.apply(tensor, dim)
 
