@@ -6,8 +6,9 @@
 glibc's `malloc` gives the free memory at the top of its heap back to the system once more of it is free than its
 trim threshold (which it raises by itself as large blocks come and go). A training step frees most of what it
 allocated, so on this kind of VM the next step takes the same memory back page by page, each first touch a page
-fault that zero-fills 4 KiB. The kernels cannot avoid that (compiled code allocates its own buffers); the process
-can, with glibc's tunables: `MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_` keep freed memory in the heap (the
+fault that zero-fills 4 KiB. The eager fast kernels avoid most of it where frames are small, with their own buffer
+pool (`timo_hf.buffer_pool`); compiled code allocates its own buffers and the reference kernels use the heap. The
+process can, with glibc's tunables: `MALLOC_TRIM_THRESHOLD_` and `MALLOC_TOP_PAD_` keep freed memory in the heap (the
 resident set stays at the largest step's), `MALLOC_MMAP_THRESHOLD_` serves blocks below 32 MiB from that heap.
 
 This script runs suite cases (`python -m benchmarks --list` names them) with the harness of `python -m benchmarks`,

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import timo_hf.attention_fast as attention_fast
-from timo_hf import TiMoConfig, TiMoModel
+from timo_hf import TiMoConfig, TiMoModel, buffer_pool
 from timo_hf.attention_fast import STGA_IMPLEMENTATIONS, dstga_fast, median_values, stga_fast, temporal_median_fast
 from timo_hf.attention_timo import TiMoQueryOffset, pack_like, temporal_median, unpack
 from timo_hf.convert_original import convert_original_checkpoint
@@ -25,6 +25,16 @@ DEVICE = torch.device(os.environ.get("TIMO_TEST_DEVICE", "cpu"))
 if DEVICE.type == "cuda":  # the tolerances below are float32's: no TF32 in convolutions or matrix products
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
+
+
+@pytest.fixture(params=["heap", "pool"])
+def memory(request, monkeypatch):
+    """Where the eager CPU kernels' tensors come from: `pool`, every tensor they may pool from the buffer pool (no
+    size threshold; these tensors are small), `heap`, fresh ones (tensors below the pool's threshold)."""
+    if request.param == "pool":
+        monkeypatch.setattr(buffer_pool, "MIN_POOLED_BYTES", 0)
+    yield request.param
+    buffer_pool.release_buffers()
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -61,9 +71,15 @@ def run_kernels(implementation, attention, query, key, value, offset, grad):
 
 
 @pytest.mark.parametrize("frames", list(range(1, 34)))
-def test_median_network_values_are_torch_median(frames):
+def test_median_network_values_are_torch_median(frames, memory):
+    """As a chain of fresh tensors, and (`pool`) written in a pooled workspace of wires, from which only a copy of
+    the median leaves."""
     tensor = torch.randn(3, frames, 5, generator=torch.Generator().manual_seed(frames)).to(DEVICE)
-    assert torch.equal(median_values(tensor, 1), tensor.median(1).values)
+    with torch.no_grad(), buffer_pool.pooling(memory == "pool"):
+        median = median_values(tensor, 1)
+    assert torch.equal(median, tensor.median(1).values)
+    if memory == "pool" and 1 < frames <= attention_fast.MAX_NETWORK_FRAMES and DEVICE.type == "cpu":
+        assert median.untyped_storage().nbytes() == median.nbytes and buffer_pool.pooled_bytes() > median.nbytes
 
 
 @pytest.mark.parametrize("frames", [1, 2, 3, 4, 7, 12, 30])
@@ -167,7 +183,7 @@ def test_query_offset_is_relu_batchnorm_of_projected_deviation(mode, layout):
 
 @pytest.mark.parametrize("attention", ["stga", "dstga"])
 @pytest.mark.parametrize("frames", FRAME_COUNTS)
-def test_fast_kernels_match_reference_fp32(attention, frames):
+def test_fast_kernels_match_reference_fp32(attention, frames, memory):
     (query, key, value), offset, grad = module_layout_inputs(2, 2, frames, 12, 8)
     expected, expected_grads = run_kernels("reference", attention, query, key, value, offset, grad)
     actual, actual_grads = run_kernels("fast", attention, query, key, value, offset, grad)
@@ -180,7 +196,7 @@ def test_fast_kernels_match_reference_fp32(attention, frames):
 
 
 @pytest.mark.parametrize("frames", FRAME_COUNTS)
-def test_dstga_offset_branch_gradients_fp64(frames):
+def test_dstga_offset_branch_gradients_fp64(frames, memory):
     """All weight gradients of a D-STGA attention module (offset branch included) agree in float64."""
     config = TiMoConfig(
         hidden_sizes=[16, 32, 48, 64], num_heads=[2, 2, 4, 4], depths=[1, 1, 1, 1], stga_implementation="reference"
@@ -219,7 +235,7 @@ def projection_layout_inputs(frames, ties, batch=2, heads=2, tokens=9, head_dim=
 
 @pytest.mark.parametrize("frames", FRAME_COUNTS)
 @pytest.mark.parametrize("ties", [False, True])
-def test_dstga_from_the_projections_matches(frames, ties):
+def test_dstga_from_the_projections_matches(frames, ties, memory):
     """TiMoAttention's D-STGA call (`dstga_with_offset`, whose fast form writes the projections' gradients itself,
     the medians' shares included) gives the reference's output and projection gradients; with tied medians, where
     `torch.median` may route a gradient to any of the tied frames, the fast kernels composed from their parts (whose
@@ -243,7 +259,7 @@ def test_dstga_from_the_projections_matches(frames, ties):
 
 
 @pytest.mark.parametrize("frames", FRAME_COUNTS)
-def test_stga_from_the_projections_matches(frames):
+def test_stga_from_the_projections_matches(frames, memory):
     """TiMoAttention's STGA call (`stga_packed`, whose fast form writes the gradients of the queries and of the packed
     keys and values in the projections' layout itself) gives the reference's output and projection gradients, and
     the gradient views it hands autograd are laid out as the projections are (nothing left to re-lay out)."""

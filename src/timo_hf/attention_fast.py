@@ -25,14 +25,20 @@ module's projections, whose backward writes the queries' and the packed keys' an
 projections' own layouts. Compiled code gets the keys' and values' gradient in the projection's layout from
 `attention_timo.unpack` (D-STGA) and `attention_timo.pack_like` (STGA's backward): one stack, no re-layout after it.
 
+In eager CPU code with small frames (`POOLED_MAX_TOKENS`), the kernels' large tensors come from a per-thread pool of
+reused buffers (`buffer_pool`): a step then does not take its memory back from the system page by page.
+
 Inputs of any floating dtype work; the softmax statistics are kept in float32 (float64 for float64 inputs) and
 autocast is suspended inside the kernels, which compute in the dtype of their inputs.
 """
 
 import contextlib
+import functools
 
 import torch
+from torch.nn import functional as F
 
+from . import buffer_pool
 from .attention_timo import (
     autocast_enabled,
     dstga_reference,
@@ -43,6 +49,7 @@ from .attention_timo import (
     temporal_median,
     unpack,
 )
+from .buffer_pool import pooled_empty
 
 
 # The portable spatial kernel holds at most this many logits per (batch * head) slice at a time.
@@ -62,6 +69,12 @@ LOG2_E = 1.4426950408889634
 # slower otherwise (`benchmarks/temporal_products.py` measures it).
 MAX_PADDING_FRAMES = 2
 FRAME_ALIGNMENT = 8
+# Eager CPU kernels take their large tensors from the buffer pool (`buffer_pool`) where frames hold at most this many
+# tokens: there the work per byte is small and first touches of fresh pages weigh most (at T=30, 48 px, N=144, a third
+# of a D-STGA step: `python -m benchmarks.allocator`). Larger frames feed more work per byte (the spatial products
+# grow as N^2), and there the pool's buffers, idle between their uses while other tensors come from the heap, would
+# raise the peak memory for little time saved.
+POOLED_MAX_TOKENS = 256
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _CPU_FLASH_BACKWARD = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
@@ -74,9 +87,28 @@ def _no_autocast(tensor: torch.Tensor):
     return contextlib.nullcontext()
 
 
+def _pooling(tokens: int):
+    """The buffer pool serving this thread's eager code where frames hold at most `POOLED_MAX_TOKENS` tokens."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return buffer_pool.pooling(tokens <= POOLED_MAX_TOKENS)
+
+
 def _statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """Dtype of logits, log-sum-exps and softmax weights: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _product(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`left @ right` for batched matrices, written into a pooled buffer in eager CPU code (`buffer_pool`)."""
+    shape = (*torch.broadcast_shapes(left.shape[:-2], right.shape[:-2]), left.shape[-2], right.shape[-1])
+    return torch.matmul(left, right, out=pooled_empty(shape, left.dtype, left))
+
+
+def _contiguous(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor.contiguous().to(dtype)`, copied into a pooled buffer in eager CPU code."""
+    buffer = pooled_empty(tensor.shape, dtype, tensor)
+    return tensor.contiguous().to(dtype) if buffer is None else buffer.copy_(tensor)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,19 +160,69 @@ def median_network(num_frames: int) -> tuple[tuple[int, int, bool, bool], ...]:
     return _MEDIAN_NETWORKS[num_frames]
 
 
+@functools.cache
+def _workspace_plan(num_frames: int) -> tuple[tuple[tuple[int, int, int | None, int | None], ...], int]:
+    """The median network run in a workspace of wires: per comparator `(low, high, min_slot, max_slot)`, the slots
+    its kept outputs are written to (`None`: not kept), and the number of slots.
+
+    A kept minimum gets a slot of its own (the maximum still reads both inputs); a kept maximum overwrites its high
+    input where that is already a slot (element-wise, in place). An output the pruned network does not keep is never
+    read again, nor is a replaced input, so their slots are free for the next comparators.
+    """
+    slot_of: list[int | None] = [None] * num_frames  # None: the wire is still the input frame
+    free: list[int] = []
+    plan, size = [], 0
+
+    def take() -> int:
+        nonlocal size
+        if free:
+            return free.pop()
+        size += 1
+        return size - 1
+
+    for low, high, keep_min, keep_max in median_network(num_frames):
+        min_slot = take() if keep_min else None
+        max_slot = (slot_of[high] if slot_of[high] is not None else take()) if keep_max else None
+        free.extend(slot for slot in (slot_of[low], None if keep_max else slot_of[high]) if slot is not None)
+        slot_of[low], slot_of[high] = min_slot, max_slot
+        plan.append((low, high, min_slot, max_slot))
+    return tuple(plan), size
+
+
 def median_values(tensor: torch.Tensor, dim: int = 2) -> torch.Tensor:
-    """Lower median along `dim` (the values of `torch.median`), without autograd."""
+    """Lower median along `dim` (the values of `torch.median`), without autograd.
+
+    Where the buffer pool serves (`buffer_pool`), the network runs in a pooled workspace of wires and a pooled copy
+    of the median leaves it: every comparator's fresh result would allocate (and, on a heap that has shrunk,
+    page-fault) a frame's worth of memory.
+    """
     num_frames = tensor.shape[dim]
     if num_frames > MAX_NETWORK_FRAMES:
         return tensor.median(dim=dim).values
     wires = list(tensor.unbind(dim))
-    for low, high, keep_min, keep_max in median_network(len(wires)):  # a Python int even where shapes are symbolic
-        smaller = torch.minimum(wires[low], wires[high]) if keep_min else None
-        if keep_max:
-            wires[high] = torch.maximum(wires[low], wires[high])
-        if keep_min:
-            wires[low] = smaller
-    return wires[(num_frames - 1) // 2]
+    workspace = None
+    if num_frames > 1 and not torch.compiler.is_compiling():
+        plan, size = _workspace_plan(num_frames)
+        workspace = pooled_empty((size, *wires[0].shape), tensor.dtype, tensor)
+    if workspace is None:
+        for low, high, keep_min, keep_max in median_network(len(wires)):  # a Python int even where shapes are symbolic
+            smaller = torch.minimum(wires[low], wires[high]) if keep_min else None
+            if keep_max:
+                wires[high] = torch.maximum(wires[low], wires[high])
+            if keep_min:
+                wires[low] = smaller
+        return wires[(num_frames - 1) // 2]
+    slots = workspace.unbind(0)
+    for low, high, min_slot, max_slot in plan:
+        smaller, larger = wires[low], wires[high]
+        if min_slot is not None:
+            wires[low] = torch.minimum(smaller, larger, out=slots[min_slot])
+        if max_slot is not None:
+            wires[high] = torch.maximum(smaller, larger, out=slots[max_slot])
+    # Copied out: a view would keep the whole workspace from the pool for as long as the median lives.
+    median = wires[(num_frames - 1) // 2]
+    copy = pooled_empty(median.shape, median.dtype, median)
+    return median.clone() if copy is None else copy.copy_(median)
 
 
 def _median_frame(tensor: torch.Tensor, median: torch.Tensor, dim: int) -> torch.Tensor:
@@ -256,7 +338,7 @@ def spatial_attention_forward(
         peak = weights.amax(-1, keepdim=True)
         weights = weights.sub_(peak).exp2_()
         total = weights.sum(-1, keepdim=True)
-        outputs.append(torch.bmm(weights, values).div_(total))
+        outputs.append(_product(weights, values).div_(total))
         lses.append(peak.squeeze(-1) / LOG2_E + total.squeeze(-1).log())
     output = outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=1)
     lse = lses[0] if len(lses) == 1 else torch.cat(lses, dim=1)
@@ -324,7 +406,7 @@ def spatial_attention_backward(
         columns = slice(start, start + size)
         weights = torch.bmm(rows_lse, keys_t[..., columns], out=buffers.view(num_rows, size))
         weights = (weights if fold else weights.sub_(lse)).exp2_()
-        grad_values.append(torch.bmm(weights.transpose(1, 2), grads))
+        grad_values.append(_product(weights.transpose(1, 2), grads))
         grad_logits = torch.bmm(grads_row, values_t[..., columns], out=buffers.view(num_rows, size, 1))
         grad_logits = (grad_logits if fold else grad_logits.sub_(row_term)).mul_(weights)
         grad_keys.append(torch.bmm(grad_logits.transpose(1, 2), rows))
@@ -366,8 +448,13 @@ def _by_token(tensor: torch.Tensor, dtype: torch.dtype, frames: int | None = Non
     `T` zero."""
     tokens = tensor.transpose(-3, -2)
     if frames is None or frames == tensor.shape[-3]:
-        return tokens.contiguous().to(dtype)
-    return _pad_frames(tokens.to(dtype), frames)
+        return _contiguous(tokens, dtype)
+    padded = pooled_empty((*tokens.shape[:-2], frames, tokens.shape[-1]), dtype, tensor)
+    if padded is None:
+        return _pad_frames(tokens.to(dtype), frames)
+    padded[..., : tokens.shape[-2], :].copy_(tokens)
+    padded[..., tokens.shape[-2] :, :].zero_()
+    return padded
 
 
 def _by_frame(tensor: torch.Tensor) -> torch.Tensor:
@@ -388,7 +475,7 @@ def _merge(spatial_lse: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
     key_frame = torch.arange(padded, device=query.device)
     left_out = (key_frame == torch.arange(frames, device=query.device).unsqueeze(-1)) | (key_frame >= frames)
     excluded = torch.zeros(frames, padded, dtype=query.dtype, device=query.device).masked_fill_(left_out, float("-inf"))
-    logits = torch.matmul(query, key.transpose(-1, -2)).add_(excluded)
+    logits = _product(query, key.transpose(-1, -2)).add_(excluded)
     # Fewer passes than `logsumexp` and then `exp(logits - lse)`: the weights `exp(logits - peak)` are rescaled. The
     # peak is kept finite so that a query without temporal logits (T = 1) gets zero weights, not NaN.
     peak = logits.amax(-1).clamp_min_(torch.finfo(logits.dtype).min)
@@ -402,7 +489,7 @@ def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
     as `[B, h, T, N, d]` stored token-major (`[B, T, N, h, d]`), so that the module's `[B, T*N, h*d]` is a view of
     it."""
     batch, heads, tokens, frames, head_dim = spatial_out.shape
-    stored = value.new_empty((batch, frames, tokens, heads, head_dim), dtype=dtype)
+    stored = buffer_pool.empty((batch, frames, tokens, heads, head_dim), dtype, value)
     target = stored.permute(0, 3, 2, 1, 4)
     temporal = _frames_product(temporal_weights[..., :frames], value[..., :frames, :])
     spatial_share = spatial_share.unsqueeze(-1)
@@ -413,9 +500,14 @@ def _combine(spatial_share, spatial_out, temporal_weights, value, dtype):
     return stored.permute(0, 3, 1, 2, 4)
 
 
+def _pooled_mul(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`left * right` (same shapes), written into a pooled buffer in eager CPU code."""
+    return torch.mul(left, right, out=pooled_empty(left.shape, left.dtype, left))
+
+
 def _row_term(grad_output: torch.Tensor, output: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`sum(grad * output)` over channels, `[B, h, N, T]` (computed in the tensors' own layout)."""
-    return _by_frame((grad_output.to(dtype) * output.to(dtype)).sum(-1))
+    return _by_frame(_pooled_mul(grad_output.to(dtype), output.to(dtype)).sum(-1))
 
 
 def _keep_copies(query: torch.Tensor) -> bool:
@@ -429,7 +521,7 @@ def _frames_product(weights: torch.Tensor, tensor: torch.Tensor) -> torch.Tensor
     batched product of tiny matrices."""
     frames = weights.shape[-1]
     if frames > SMALL_FRAMES:
-        return torch.matmul(weights, tensor)
+        return _product(weights, tensor)
     result = weights[..., :1] * tensor[..., :1, :]
     for frame in range(1, frames):
         result = result.addcmul_(weights[..., frame : frame + 1], tensor[..., frame : frame + 1, :])
@@ -440,7 +532,7 @@ def _temporal_backward(grad, query, key, value, temporal_weights, row_term):
     """Gradients of the temporal part of the joint softmax (token layout, statistics dtype; keys and values possibly
     padded as in `_merge`, and so their gradients, which are 0 on the padded frames)."""
     frames = query.shape[-2]
-    grad_logits = torch.matmul(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
+    grad_logits = _product(grad, value.transpose(-1, -2)).sub_(row_term.unsqueeze(-1)).mul_(temporal_weights)
     # The padded frames' weights, hence their logits' gradients, are 0.
     grad_query = _frames_product(grad_logits[..., :frames], key[..., :frames, :])
     grad_key = _frames_product(grad_logits.transpose(-1, -2), query)
@@ -465,7 +557,7 @@ class _STGAFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key_value):
         key, value = key_value.unbind(0)
-        with _no_autocast(query):
+        with _no_autocast(query), _pooling(query.shape[3]):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
 
@@ -488,7 +580,7 @@ class _STGAFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         query, key_value, output, lse, temporal_weights, *tokens_qkv = ctx.saved_tensors
         key, value = key_value.unbind(0)
-        with _no_autocast(query):
+        with _no_autocast(query), _pooling(query.shape[3]):
             batch, heads, frames, tokens, head_dim = query.shape
             stats = _statistics_dtype(query.dtype)
 
@@ -540,7 +632,7 @@ class _DSTGAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, query_tokens, key_tokens, value_tokens, offset, query_median, key_median):
-        with _no_autocast(value_tokens):
+        with _no_autocast(value_tokens), _pooling(query_tokens.shape[2]):
             batch, heads, tokens, frames, head_dim = query_tokens.shape
             stats = _statistics_dtype(value_tokens.dtype)
             # Values of all frames side by side per token: the shared weights apply to all of them in one product.
@@ -566,19 +658,19 @@ class _DSTGAFunction(torch.autograd.Function):
         ) = ctx.saved_tensors
         query_dtype, key_dtype, offset_dtype = ctx.dtypes
         value_dtype = value_tokens.dtype
-        with _no_autocast(output):
+        with _no_autocast(output), _pooling(output.shape[3]):
             batch, heads, frames, tokens, head_dim = output.shape
             stats = _statistics_dtype(value_dtype)
             grad = _by_token(grad_output, stats)
             row_term = _row_term(grad_output, output, stats)
-            grad_offset = spatial_share * ((grad * spatial_out).sum(-1) - row_term)
+            grad_offset = spatial_share * (_pooled_mul(grad, spatial_out).sum(-1) - row_term)
             # The shared softmax sees every frame's gradient scaled by that frame's spatial share; its row term is
             # the share-weighted sum of the frames' row terms.
             packed = (batch, heads, tokens, frames * head_dim)
             packed_values = _packed_frames(value_tokens, frames)
             use_output = _use_cpu_flash(query_median, packed_values)
             grad_query_median, grad_key_median, grad_value_tokens = spatial_attention_backward(
-                (grad * spatial_share.unsqueeze(-1)).reshape(packed).to(value_dtype),
+                _pooled_mul(grad, spatial_share.unsqueeze(-1).expand_as(grad)).reshape(packed).to(value_dtype),
                 query_median,
                 key_median,
                 packed_values,
@@ -605,53 +697,82 @@ def _empty_in_layout(shape: torch.Size, strides: tuple[int, ...], dtype: torch.d
     """An uninitialised dense tensor of `shape` whose dimensions are ordered in memory as `strides` order them (the
     strides themselves where those describe a dense tensor, as `torch.empty_like` does)."""
     order = memory_order(strides)
-    tensor = like.new_empty([shape[dim] for dim in order], dtype=dtype)
+    tensor = buffer_pool.empty([shape[dim] for dim in order], dtype, like)
     return tensor.permute(inverse_permutation(order))
 
 
 class _EagerInputs(torch.autograd.Function):
     """Eager D-STGA's inputs from the module's queries `[B, h, T, N, d]` and keys and values packed as
     `[2, B, h, T, N, d]` (views of its projections): the queries' and keys' medians (one network for both), one
-    token-layout copy of the queries and (padded) keys, and the values' padded token copy.
+    token-layout copy of the queries and (padded) keys, the values' padded token copy, and, given the offset
+    branch's projection weight `[1, d]`, the projected queries `w . q` (`[B, h, N, T]`, else `None`).
 
-    Its backward writes the gradients straight into tensors laid out like the projections, the medians' shares
-    added there: autograd would otherwise stack the keys' and values' gradients and re-lay them out (two passes and
-    two allocations more), and route each median's gradient through a tensor of zeros.
+    Its backward writes the gradients straight into tensors laid out like the projections, the medians' and the
+    projection's shares added there: autograd would otherwise stack the keys' and values' gradients and re-lay them
+    out (two passes and two allocations more), route each median's gradient through a tensor of zeros, and make the
+    projection's full-size gradient `grad * w` only to add it to the queries' in a pass of its own.
     """
 
     @staticmethod
-    def forward(ctx, query, key_value):
-        key, value = key_value.unbind(0)
-        batch, heads, frames, tokens, head_dim = query.shape
-        padded = key_frames(frames, query.device)
-        # Frame-major first, `[T, 2, B, N, h, d]`: there each wire of the median network is one contiguous block.
-        frame_major = torch.stack([query.permute(2, 0, 3, 1, 4), key.permute(2, 0, 3, 1, 4)], dim=1)
-        medians = median_values(frame_major, dim=0)
-        median_frames = _median_frame(frame_major, medians, 0) if any(ctx.needs_input_grad) else None
-        medians = medians.transpose(2, 3)  # [2, B, h, N, d]
-        ctx.save_for_backward(None if median_frames is None else median_frames.transpose(2, 3))
-        query_key = query.new_empty((2, batch, heads, tokens, padded, head_dim))
-        unpadded = query_key[..., :frames, :]
-        unpadded.copy_(frame_major.permute(1, 2, 4, 3, 0, 5))
-        query_key[..., frames:, :].zero_()
-        ctx.layouts = (query.shape, query.stride(), query.dtype), (key_value.shape, key_value.stride(), key_value.dtype)
-        value_tokens = _by_token(value, value.dtype, padded)
-        return medians[0], medians[1], unpadded[0], query_key[1], value_tokens
+    def forward(ctx, query, key_value, weight):
+        with _pooling(query.shape[3]):
+            key, value = key_value.unbind(0)
+            batch, heads, frames, tokens, head_dim = query.shape
+            padded = key_frames(frames, query.device)
+            # Frame-major first, `[T, 2, B, N, h, d]`: there each wire of the median network is one contiguous block.
+            parts = [query.permute(2, 0, 3, 1, 4), key.permute(2, 0, 3, 1, 4)]
+            frame_major = pooled_empty((frames, 2, batch, tokens, heads, head_dim), query.dtype, query)
+            frame_major = torch.stack(parts, dim=1, out=frame_major)
+            medians = median_values(frame_major, dim=0)
+            median_frames = _median_frame(frame_major, medians, 0) if any(ctx.needs_input_grad[:2]) else None
+            medians = medians.transpose(2, 3)  # [2, B, h, N, d]
+            query_key = buffer_pool.empty((2, batch, heads, tokens, padded, head_dim), query.dtype, query)
+            unpadded = query_key[..., :frames, :]
+            unpadded.copy_(frame_major.permute(1, 2, 4, 3, 0, 5))
+            query_key[..., frames:, :].zero_()
+            # Projected over the padded copy (a view there, a copy of the unpadded one), the padded frames dropped.
+            projected = None if weight is None else F.linear(query_key[0], weight)[..., :frames, 0]
+            ctx.save_for_backward(
+                None if median_frames is None else median_frames.transpose(2, 3),
+                *((None, None) if weight is None else (query_key[0], weight)),
+            )
+            ctx.layouts = tuple((tensor.shape, tensor.stride(), tensor.dtype) for tensor in (query, key_value))
+            value_tokens = _by_token(value, value.dtype, padded)
+            return medians[0], medians[1], unpadded[0], query_key[1], value_tokens, projected
 
     @staticmethod
-    def backward(ctx, grad_query_median, grad_key_median, grad_query_tokens, grad_key_tokens, grad_value_tokens):
-        (median_frames,) = ctx.saved_tensors
-        query_layout, key_value_layout = ctx.layouts
-        frames = query_layout[0][2]
-        grad_query = _empty_in_layout(*query_layout, grad_query_tokens)
-        grad_query.copy_(_by_frame(grad_query_tokens))
-        grad_key_value = _empty_in_layout(*key_value_layout, grad_key_tokens)
-        grad_key_value[0].copy_(_by_frame(grad_key_tokens[..., :frames, :]))
-        grad_key_value[1].copy_(_by_frame(grad_value_tokens[..., :frames, :]))
-        # In place (eager code).
-        _add_median_gradient(grad_query, median_frames[0], grad_query_median, 2)
-        _add_median_gradient(grad_key_value[0], median_frames[1], grad_key_median, 2)
-        return grad_query, grad_key_value
+    def backward(
+        ctx, grad_query_median, grad_key_median, grad_query_tokens, grad_key_tokens, grad_value_tokens, grad_projected
+    ):
+        with _pooling(ctx.layouts[0][0][3]):
+            median_frames, padded_query, weight = ctx.saved_tensors
+            query_layout, key_value_layout = ctx.layouts
+            frames = query_layout[0][2]
+            grad_query = _empty_in_layout(*query_layout, grad_query_tokens)
+            if grad_projected is None:
+                grad_query.copy_(_by_frame(grad_query_tokens))
+            else:
+                torch.addcmul(
+                    _by_frame(grad_query_tokens), _by_frame(grad_projected).unsqueeze(-1), weight[0], out=grad_query
+                )
+            grad_key_value = _empty_in_layout(*key_value_layout, grad_key_tokens)
+            grad_key_value[0].copy_(_by_frame(grad_key_tokens[..., :frames, :]))
+            grad_key_value[1].copy_(_by_frame(grad_value_tokens[..., :frames, :]))
+            # In place (eager code).
+            _add_median_gradient(grad_query, median_frames[0], grad_query_median, 2)
+            _add_median_gradient(grad_key_value[0], median_frames[1], grad_key_median, 2)
+            return grad_query, grad_key_value, _projection_weight_gradient(grad_projected, padded_query, ctx)
+
+
+def _projection_weight_gradient(grad_projected, padded_query, ctx) -> torch.Tensor | None:
+    """The gradient of `w . q` with respect to `w` (`[1, d]`), as `Linear`'s backward makes it (the projected
+    queries' gradient padded with zeros to the padded copy's frames)."""
+    if grad_projected is None or not ctx.needs_input_grad[2]:
+        return None
+    frames = grad_projected.shape[-1]
+    padded_grad = grad_projected.new_zeros(padded_query.shape[:-1])
+    padded_grad[..., :frames] = grad_projected
+    return padded_grad.reshape(1, -1) @ padded_query.reshape(-1, padded_query.shape[-1])
 
 
 def stga_fast(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -691,12 +812,20 @@ def dstga_fast_with_offset(query, key_value, query_offset) -> torch.Tensor:
         key, value = unpack(key_value)
         query_median, key_median = temporal_median_fast(query), temporal_median_fast(key)
         query_tokens, key_tokens, value_tokens = _token_copies(query, key, value)
+        # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there instead
+        # of saving it.
+        offset = query_offset(_by_frame(query_tokens), query_median)
     else:
-        query_median, key_median, query_tokens, key_tokens, value_tokens = _EagerInputs.apply(query, key_value)
-    # From the token copy, which backward keeps anyway: compiled code then recomputes `q - q_med` there instead of
-    # saving it, and in eager code the offset's share of the queries' gradient is added where D-STGA's is (in
-    # place), not in a sum of its own.
-    offset = query_offset(_by_frame(query_tokens), query_median)
+        # In full precision `w . q` comes with the token copies, its gradient added where the queries' is written.
+        weight = query_offset.projection.weight if query_offset.projects_separately(query) else None
+        query_median, key_median, query_tokens, key_tokens, value_tokens, projected = _EagerInputs.apply(
+            query, key_value, weight
+        )
+        if projected is None:
+            offset = query_offset(_by_frame(query_tokens), query_median)
+        else:
+            median_projected = F.linear(query_median, weight).transpose(-1, -2)  # [B, h, 1, N]
+            offset = query_offset.normalize(_by_frame(projected) - median_projected)
     return _DSTGAFunction.apply(query_tokens, key_tokens, value_tokens, offset, query_median, key_median)
 
 

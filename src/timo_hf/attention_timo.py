@@ -127,13 +127,23 @@ class TiMoQueryOffset(nn.Module):
         self.norm = nn.BatchNorm1d(1)
 
     def forward(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
-        deviation = self._projected_deviation(query, query_median)
+        return self.normalize(self._projected_deviation(query, query_median))
+
+    def normalize(self, deviation: torch.Tensor) -> torch.Tensor:
+        """`ReLU(BatchNorm1d(deviation))` of the projected deviations `w . (q - q_med)`, any shape."""
         # One channel: the rows as the length of a single sample normalise exactly as rows of a batch, faster.
         return F.relu(self.norm(deviation.reshape(1, 1, -1))).view(deviation.shape)
 
+    @staticmethod
+    def projects_separately(query: torch.Tensor) -> bool:
+        """Whether `w . (q - q_med)` is computed as `w . q - w . q_med` (full precision: no full-size difference, and
+        the median's gradient is a sum over frames of scalars, not of vectors); in lower precision the two rounded
+        products could cancel, so the difference is projected."""
+        return query.dtype in (torch.float32, torch.float64) and not autocast_enabled(query)
+
     def _projected_deviation(self, query: torch.Tensor, query_median: torch.Tensor) -> torch.Tensor:
         """`w . (q - q_med)`, `[B, heads, T, N]`, in the order that suits the precision and the execution mode."""
-        low_precision = query.dtype not in (torch.float32, torch.float64) or autocast_enabled(query)
+        low_precision = not self.projects_separately(query)
         if torch.compiler.is_compiling() and not low_precision:
             # One fused pass over the queries in compiled code (a product with one output column does not fuse).
             weight = self.projection.weight.view(-1)
@@ -142,10 +152,8 @@ class TiMoQueryOffset(nn.Module):
         # token copy `[B, heads, N, T, d]`), where flattening them for the product is a view, not a copy.
         order = memory_order(query.stride()[:4])
         median = query_median.unsqueeze(2)
-        if low_precision:  # the two rounded products of the other order could cancel
+        if low_precision:
             projected = self.projection((query - median).permute(*order, 4))
         else:
-            # `w . q - w . q_med`: no full-size difference, and the median's gradient is a sum over frames of
-            # scalars, not of vectors.
             projected = self.projection(query.permute(*order, 4)) - self.projection(median.permute(*order, 4))
         return projected.squeeze(-1).permute(inverse_permutation(order))
