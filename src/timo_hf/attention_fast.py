@@ -744,9 +744,9 @@ class _EagerInputs(torch.autograd.Function):
     def backward(
         ctx, grad_query_median, grad_key_median, grad_query_tokens, grad_key_tokens, grad_value_tokens, grad_projected
     ):
-        with _pooling(ctx.layouts[0][0][3]):
+        query_layout, key_value_layout = ctx.layouts
+        with _pooling(query_layout[0][3]):
             median_frames, padded_query, weight = ctx.saved_tensors
-            query_layout, key_value_layout = ctx.layouts
             frames = query_layout[0][2]
             grad_query = _empty_in_layout(*query_layout, grad_query_tokens)
             if grad_projected is None:
