@@ -258,6 +258,22 @@ def test_dstga_from_the_projections_matches(frames, ties, memory):
         assert relative_error(actual, expected) <= 1e-12, name
 
 
+@pytest.mark.parametrize("frames", [3, 12])
+def test_dstga_offset_weight_gradient_with_frozen_projections(frames, memory):
+    """Where only the offset branch trains (queries, keys and values need no gradient), the fast D-STGA gives the
+    reference's offset projection gradient."""
+    query_offset = TiMoQueryOffset(4).to(DEVICE).double()
+    _, query, key_value = projection_layout_inputs(frames, ties=False)
+    query, key_value = query.detach(), key_value.detach()
+    grad = torch.randn(query.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(DEVICE)
+    weight = query_offset.projection.weight
+    expected, actual = (
+        torch.autograd.grad(STGA_IMPLEMENTATIONS[name].dstga_with_offset(query, key_value, query_offset), weight, grad)
+        for name in ("reference", "fast")
+    )
+    assert relative_error(actual[0], expected[0]) <= 1e-12
+
+
 @pytest.mark.parametrize("frames", FRAME_COUNTS)
 def test_stga_from_the_projections_matches(frames, memory):
     """TiMoAttention's STGA call (`stga_packed`, whose fast form writes the gradients of the queries and of the packed

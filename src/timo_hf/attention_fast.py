@@ -747,6 +747,9 @@ class _EagerInputs(torch.autograd.Function):
         query_layout, key_value_layout = ctx.layouts
         with _pooling(query_layout[0][3]):
             median_frames, padded_query, weight = ctx.saved_tensors
+            weight_gradient = _projection_weight_gradient(grad_projected, padded_query, ctx)
+            if median_frames is None:  # only the projection weight needs a gradient (frozen q, k, v projections)
+                return None, None, weight_gradient
             frames = query_layout[0][2]
             grad_query = _empty_in_layout(*query_layout, grad_query_tokens)
             if grad_projected is None:
@@ -761,7 +764,7 @@ class _EagerInputs(torch.autograd.Function):
             # In place (eager code).
             _add_median_gradient(grad_query, median_frames[0], grad_query_median, 2)
             _add_median_gradient(grad_key_value[0], median_frames[1], grad_key_median, 2)
-            return grad_query, grad_key_value, _projection_weight_gradient(grad_projected, padded_query, ctx)
+            return grad_query, grad_key_value, weight_gradient
 
 
 def _projection_weight_gradient(grad_projected, padded_query, ctx) -> torch.Tensor | None:
