@@ -41,6 +41,11 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return ((actual - expected).abs().max() / expected.abs().max().clamp_min(1e-30)).item()
 
 
+def within_float64_rounding(actual: torch.Tensor, expected: torch.Tensor) -> bool:
+    """Equal up to float64 rounding: relative to the largest value, with an absolute floor for exact zeros."""
+    return (actual - expected).abs().max() <= 1e-10 * expected.abs().max() + 1e-14
+
+
 def module_layout_inputs(batch, heads, frames, tokens, head_dim, dtype=torch.float32, seed=0):
     """Queries, keys and values as TiMoAttention hands them to the kernels: strided views of `[B, T*N, h, d]`, on
     `DEVICE`."""
@@ -211,8 +216,50 @@ def test_dstga_offset_branch_gradients_fp64(frames, memory):
         module(hidden, frames).pow(2).sum().backward()
         grads[implementation] = {name: p.grad.clone() for name, p in module.named_parameters()}
     for name, expected in grads["reference"].items():
-        actual = grads["fast"][name]
-        assert (actual - expected).abs().max() <= 1e-10 * expected.abs().max() + 1e-14, name
+        assert within_float64_rounding(grads["fast"][name], expected), name
+
+
+BACKBONE_SETTINGS = {
+    # attention types, frames, batch, height, width, training mode, parameters that train (None: all)
+    "mixed, T=7": (("dstga", "stga", "mhsa", "mhsa"), 7, 2, 64, 32, True, None),
+    "one frame, one token a frame in stage 4": (("stga", "dstga", "mhsa", "dstga"), 1, 2, 32, 96, True, None),
+    "eval mode, only the offset branches train": (
+        ("dstga", "dstga", "mhsa", "mhsa"), 12, 1, 64, 64, False, "query_offset"
+    ),
+    "T=31, only the layer norms train": (("dstga", "mhsa", "mhsa", "stga"), 31, 1, 32, 64, True, "layernorm"),
+}
+
+
+@pytest.mark.parametrize("setting", BACKBONE_SETTINGS.values(), ids=BACKBONE_SETTINGS.keys())
+def test_fast_backbone_matches_reference_fp64(setting, memory):
+    """Whole backbones in float64, fast against reference kernels: every stage map, every gradient (only of the
+    parameters that train) and the offset branches' BatchNorm statistics, over mixed layouts, frame counts, image
+    shapes, training and eval mode and frozen parameters."""
+    attention_types, frames, batch, height, width, training, trained = setting
+    config = TiMoConfig(hidden_sizes=[16, 32, 32, 32], num_heads=[2, 2, 2, 2], depths=[2, 1, 1, 1],
+                        attention_types=list(attention_types), num_channels=4)
+    torch.manual_seed(0)
+    pixel_values = torch.randn(batch, frames, 4, height, width, dtype=torch.float64).to(DEVICE)
+    initial = TiMoModel(config).double().state_dict()
+    results = {}
+    for implementation in ("reference", "fast"):
+        config.stga_implementation = implementation
+        model = TiMoModel(config).to(DEVICE).double().train(training)
+        model.load_state_dict(initial)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trained is None or trained in name)
+        maps = model(pixel_values, output_hidden_states=True).hidden_states
+        weights = torch.Generator().manual_seed(1)
+        sum((stage * torch.randn(stage.shape, generator=weights, dtype=stage.dtype).to(DEVICE)).sum()
+            for stage in maps).backward()
+        results[implementation] = {
+            **{f"stage map {index}": stage for index, stage in enumerate(maps)},
+            **{f"{name} gradient": p.grad for name, p in model.named_parameters() if p.grad is not None},
+            **{name: b.double() for name, b in model.named_buffers() if "query_offset" in name},
+        }
+    assert results["fast"].keys() == results["reference"].keys()
+    for name, expected in results["reference"].items():
+        assert within_float64_rounding(results["fast"][name], expected), name
 
 
 def projection_layout_inputs(frames, ties, batch=2, heads=2, tokens=9, head_dim=4):
