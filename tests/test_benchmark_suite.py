@@ -169,14 +169,17 @@ def test_temporal_products_times_both_widths_and_names_the_kernels_choice(capsys
     assert "--head-dim and --repeats must be at least 1" in capsys.readouterr().err
 
 
-def test_allocator_runs_each_case_with_and_without_the_malloc_tunables(monkeypatch, capsys):
-    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")  # a setting of the caller's own is not carried into the default runs
-    assert not set(TUNED_MALLOC) & set(environment("default"))
+def test_allocator_runs_each_case_under_each_memory_setting(monkeypatch, capsys):
+    # Settings of the caller's own are not carried into the runs of other settings.
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "1")
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
+    assert not {*TUNED_MALLOC, "THP_MEM_ALLOC_ENABLE"} & set(environment("default"))
     assert all(environment("tuned")[name] == value for name, value in TUNED_MALLOC.items())
+    assert environment("thp")["THP_MEM_ALLOC_ENABLE"] == "1" and not set(TUNED_MALLOC) & set(environment("thp"))
     case = "attention/stga/T30-48px/fwd/fast"
     results = allocator_main(["--only", case, "--rounds", "1", "--repeats", "1", "--idle-wait", "0"])
     runs = results[case]
-    assert {setting: len(runs[setting]) for setting in runs} == {"default": 1, "tuned": 1}
+    assert {setting: len(runs[setting]) for setting in runs} == {"default": 1, "tuned": 1, "thp": 1}
     assert all(run["time_s"] > 0 and run["minor_faults_per_run"] >= 0 for setting in runs for run in runs[setting])
     assert f"| {case} |" in capsys.readouterr().out
 
