@@ -6,7 +6,7 @@
     python -m benchmarks --device cuda --dtype bfloat16 --in-process --processes 1 \
         --json cuda.json --output benchmarks/RESULTS-cuda.md
     python -m benchmarks.profile attention/dstga/T30-48px/fwdbwd/fast+compile   # where one case's time goes
-    python -m benchmarks.allocator             # the T=30 D-STGA cases with glibc's malloc defaults vs freed memory kept
+    python -m benchmarks.allocator             # the T=30 D-STGA cases under glibc's defaults, its tunables, huge pages
 
 Every case runs in its own Python process (fresh allocator, no page-cache effects carried from one case to the
 next) unless `--in-process` (meant for CUDA, where a case's start-up would cost more than its measurement and the
