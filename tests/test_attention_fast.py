@@ -526,6 +526,31 @@ def test_autocast_bfloat16(tiny_config_kwargs):
             assert relative_error(fast.float(), reference.float()) < 0.05
 
 
+@pytest.mark.parametrize("attention", ["stga", "dstga"])
+@pytest.mark.parametrize("frames", [3, 30])
+def test_bfloat16_autocast_is_at_least_as_accurate_as_the_reference(attention, frames):
+    """Under bfloat16 autocast, the fast kernels' output and gradients are no further from their float64 result
+    than the reference kernels' are from theirs. The inputs hold bfloat16 values, so that both precisions see the
+    same numbers; each implementation is compared with itself because tied medians (frequent among bfloat16
+    values) send their gradient to another tied frame in each."""
+    tensors, offset, grad = module_layout_inputs(1, 4, frames, 64, 32, seed=frames)
+    inputs = [tensor.detach().bfloat16() for tensor in (*tensors, offset)]
+    errors = {}
+    for implementation in ("reference", "fast"):
+        results = {}
+        for dtype in (torch.float64, torch.bfloat16):
+            leaves = [tensor.to(dtype).requires_grad_() for tensor in inputs]
+            with torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                output, grads = run_kernels(implementation, attention, *leaves, grad.to(dtype))
+            results[dtype] = (output, *grads)
+        errors[implementation] = [
+            relative_error(low.double(), full) for low, full in zip(results[torch.bfloat16], results[torch.float64])
+        ]
+    names = ["output", "query grad", "key grad", "value grad", "offset grad"]
+    for name, fast, reference in zip(names, errors["fast"], errors["reference"]):
+        assert fast <= 1.5 * reference, f"{name}: {fast:.2e} from float64, the reference {reference:.2e}"
+
+
 def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
     pixel_values = torch.randn(2, 3, 3, 32, 32).to(DEVICE)
     grads = []
