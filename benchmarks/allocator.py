@@ -55,6 +55,11 @@ def environment(setting: str) -> dict:
     return {**env, **SETTINGS[setting]}
 
 
+def describe(setting: str) -> str:
+    """The variables `setting` sets, as a shell would."""
+    return " ".join(f"{name}={value}" for name, value in SETTINGS[setting].items()) or "none of these variables"
+
+
 def transparent_hugepages() -> str:
     """The kernel's transparent huge page mode (the bracketed word of its setting), on which `thp` depends."""
     try:
@@ -136,10 +141,7 @@ def main(argv=None) -> dict:
         parser.error(f"unknown case ids {unknown}; python -m benchmarks --list names them")
     settings = list(dict.fromkeys(args.settings))
     results = measure([known[case_id] for case_id in args.only], settings, args.rounds, args.timeout, args.idle_wait)
-    described = "; ".join(
-        f"{setting}: {' '.join(f'{name}={value}' for name, value in SETTINGS[setting].items()) or 'none of these variables'}"
-        for setting in settings
-    )
+    described = "; ".join(f"{setting}: {describe(setting)}" for setting in settings)
     print(f"{described}; transparent huge pages: {transparent_hugepages()}; "
           f"medians over {args.rounds} processes each\n")
     print(report(results))
