@@ -222,7 +222,7 @@ def test_dstga_offset_branch_gradients_fp64(frames, memory):
 BACKBONE_SETTINGS = {
     # attention types, frames, batch, height, width, training mode, parameters that train (None: all)
     "mixed, T=7": (("dstga", "stga", "mhsa", "mhsa"), 7, 2, 64, 32, True, None),
-    "one frame, one token a frame in stage 4": (("stga", "dstga", "mhsa", "dstga"), 1, 2, 32, 96, True, None),
+    "one frame, 1 x 3 tokens a frame in stage 4": (("stga", "dstga", "mhsa", "dstga"), 1, 2, 32, 96, True, None),
     "eval mode, only the offset branches train": (
         ("dstga", "dstga", "mhsa", "mhsa"), 12, 1, 64, 64, False, "query_offset"
     ),
