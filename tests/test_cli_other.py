@@ -80,6 +80,16 @@ def test_embed_matches_the_encoder_on_a_single_tile(segmentation_dir, scene_file
 
 # ------------------------------------------------------------------------------------------------ export
 @pytest.mark.slow
+def test_export_wrapper_is_frozen_in_eval_mode():
+    from timo_hf.inference.exporting import frozen_wrapper
+
+    model = TiMoForSemanticSegmentation(tiny_segmentation_config()).train()
+    wrapper = frozen_wrapper(model)
+    assert not any(module.training for module in wrapper.modules())
+    assert not any(parameter.requires_grad for parameter in wrapper.parameters())
+    assert model.training and all(parameter.requires_grad for parameter in model.parameters())  # a copy is frozen
+
+
 def test_export_onnx_and_torch_export_of_the_segmentation_model(segmentation_dir, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -55,7 +55,7 @@ def frozen_wrapper(model: nn.Module, stga_implementation: str | None = None) -> 
         model.config.stga_implementation = stga_implementation  # shared by every attention module
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return ExportWrapper(model)
+    return ExportWrapper(model).eval()  # the wrapper too: exporters read the top module's mode
 
 
 def _onnx_median_dim(self, dim: int, keepdim: bool = False):
