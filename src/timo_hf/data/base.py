@@ -38,7 +38,6 @@ from .splits import split_shuffled_groups
 
 logger = datasets.logging.get_logger(__name__)
 
-LABEL_KINDS = ("mask", "frame_masks", "frame_ids", "none")
 _PROBE_LIMIT = 16
 
 

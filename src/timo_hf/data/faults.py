@@ -26,8 +26,6 @@ class FaultKind:
     DTYPE_MISMATCH = "dtype_mismatch"
     MISSING_LABEL = "missing_label"
 
-    ALL = (CORRUPT_FILE, MISSING_FILE, MISSING_BAND, MISSING_TIMESTAMPS, SHAPE_MISMATCH, DTYPE_MISMATCH, MISSING_LABEL)
-
 
 class SampleError(Exception):
     """One raw sample cannot be turned into an example; `kind` is one of :class:`FaultKind`."""

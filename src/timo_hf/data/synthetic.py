@@ -24,9 +24,6 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 
-S2_ALL = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B10", "B11", "B12")
-
-
 # ------------------------------------------------------------------------------------------------ content
 def region_map(rng: np.random.Generator, height: int, width: int, num_classes: int, num_seeds: int = 6) -> np.ndarray:
     """(H, W) int map of Voronoi regions, each region one class in [0, num_classes)."""
