@@ -79,7 +79,6 @@ def test_embed_matches_the_encoder_on_a_single_tile(segmentation_dir, scene_file
 
 
 # ------------------------------------------------------------------------------------------------ export
-@pytest.mark.slow
 def test_export_wrapper_is_frozen_in_eval_mode():
     from timo_hf.inference.exporting import frozen_wrapper
 
@@ -90,6 +89,7 @@ def test_export_wrapper_is_frozen_in_eval_mode():
     assert model.training and all(parameter.requires_grad for parameter in model.parameters())  # a copy is frozen
 
 
+@pytest.mark.slow
 def test_export_onnx_and_torch_export_of_the_segmentation_model(segmentation_dir, tmp_path, capsys):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

@@ -50,12 +50,12 @@ def example_inputs(config, batch_size: int, num_frames: int, height: int, width:
 
 def frozen_wrapper(model: nn.Module, stga_implementation: str | None = None) -> ExportWrapper:
     """An eval-mode, gradient-free copy of `model` (optionally with other STGA kernels) wrapped for export."""
-    model = copy.deepcopy(model).eval()
+    model = copy.deepcopy(model)
     if stga_implementation is not None:
         model.config.stga_implementation = stga_implementation  # shared by every attention module
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    return ExportWrapper(model).eval()  # the wrapper too: exporters read the top module's mode
+    return ExportWrapper(model).eval()  # the wrapper too, not only the model: exporters read the top module's mode
 
 
 def _onnx_median_dim(self, dim: int, keepdim: bool = False):
