@@ -92,6 +92,22 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(model, pixel_values, k
         model(pixel_values, **kwargs)
 
 
+@pytest.mark.parametrize(
+    "model_dtype, input_dtype",
+    [(torch.bfloat16, torch.float32), (torch.float32, torch.float64), (torch.float64, torch.float32)],
+    ids=["bf16-model-fp32-pixels", "fp32-model-fp64-pixels", "fp64-model-fp32-pixels"],
+)
+def test_floating_pixels_are_cast_to_the_model_dtype(model, model_dtype, input_dtype):
+    """A processor's float32 pixels feed a model loaded in another dtype, as they would the same pixels cast first."""
+    model = model.to(model_dtype)
+    pixel_values = torch.randn(1, 2, 3, 32, 32, dtype=input_dtype)
+    with torch.no_grad():
+        given = model(pixel_values).last_hidden_state
+        cast_first = model(pixel_values.to(model_dtype)).last_hidden_state
+    assert given.dtype == model_dtype
+    assert torch.equal(given, cast_first)
+
+
 def test_non_finite_check_is_opt_in(tiny_config_kwargs):
     pixel_values = torch.randn(1, 2, 3, 32, 32)
     pixel_values[0, 1, 2, 5, 5] = float("nan")

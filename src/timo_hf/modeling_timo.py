@@ -172,7 +172,12 @@ class TiMoStemEmbeddings(nn.Module):
         self.layernorm = nn.LayerNorm(width, eps=config.embedding_layer_norm_eps)
 
     def forward(self, frames: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """`[frames, C, H, W]` -> tokens `[frames, h * w, width]` and the grid `(h, w)`."""
+        """`[frames, C, H, W]` -> tokens `[frames, h * w, width]` and the grid `(h, w)`.
+
+        Floating inputs of another dtype are cast to the model's (as transformers' ViT does): a processor's float32
+        pixels then feed a model loaded in bfloat16 or float64. A float32 model under autocast keeps float32 pixels
+        (autocast then chooses the precision)."""
+        frames = frames.to(self.conv1.weight.dtype)
         feature_map = self.conv2(F.relu(self.batch_norm(self.conv1(frames))))
         height, width = feature_map.shape[-2:]
         return self.layernorm(feature_map.flatten(2).transpose(1, 2)), height, width
@@ -511,8 +516,8 @@ class TiMoModel(TiMoPreTrainedModel):
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
-                Normalised time series. `height` and `width` must be at least 32 and need not be equal nor
-                multiples of 32. A flattened `(batch_size, num_frames * num_channels, height, width)` tensor
+                Normalised time series, in any floating dtype (cast to the model's). `height` and `width` must be
+                at least 32 and need not be equal nor multiples of 32. A flattened `(batch_size, num_frames * num_channels, height, width)` tensor
                 (time-major) is accepted too.
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 Temporal coordinate of each frame for the position encoding. Defaults to the frame index
