@@ -90,6 +90,41 @@ TEMPORAL_ENCODING = ("index", "days")
 _RESIZE_MODES = ("bilinear", "nearest", "bicubic")
 
 
+def _check_sample(index: int, image: np.ndarray) -> None:
+    """Raise a ValueError naming sample `index` unless it is a `(T, C, H, W)` array of numbers with frames."""
+    if image.ndim != 4:
+        hint = " (one date: add a time axis, image[None])" if image.ndim == 3 else ""
+        raise ValueError(f"sample {index} has shape {image.shape}; each sample must be a (T, C, H, W) array{hint}")
+    if not (np.issubdtype(image.dtype, np.integer) or np.issubdtype(image.dtype, np.floating)):
+        raise ValueError(f"sample {index} has dtype {image.dtype}; pixel values must be integers or floats")
+    if image.shape[0] == 0:
+        raise ValueError(f"sample {index} has no frames (shape {image.shape})")
+
+
+def _per_sample(values, count: int, name: str) -> list:
+    """`values` as one entry per sample: `None` for each where not given, a flat list (of names or dates) shared by
+    every sample, else a list that must hold `count` entries (a shorter one would silently drop samples)."""
+    if values is None:
+        return [None] * count
+    if not len(values) or isinstance(values[0], (str, datetime.date, np.datetime64)):
+        return [values] * count
+    if len(values) != count:
+        raise ValueError(f"{name} has {len(values)} entries for {count} samples")
+    return list(values)
+
+
+def _parse_dates(index: int, dates, num_frames: int) -> list[datetime.date] | None:
+    """Sample `index`'s dates as `datetime.date`s (ISO strings, dates or datetimes), one per frame."""
+    if dates is None:
+        return None
+    if len(dates) != num_frames:
+        raise ValueError(f"sample {index} has {num_frames} frames but {len(dates)} dates")
+    try:
+        return [datetime.date.fromisoformat(str(date)[:10]) for date in dates]
+    except ValueError:
+        raise ValueError(f"sample {index}: dates must be ISO dates (YYYY-MM-DD), got {list(dates)}") from None
+
+
 def canonical_band(name: str) -> str:
     """'B04' -> 'B4', 'b8a' -> 'B8A', 'vv' -> 'VV'."""
     name = str(name).upper()
@@ -217,7 +252,8 @@ class TiMoImageProcessor(BaseImageProcessor):
     # ------------------------------------------------------------------------------------------- inputs
     @staticmethod
     def _batch(images, dates, band_names, labels):
-        """Normalise the call's inputs to per-sample lists."""
+        """Normalise the call's inputs to per-sample lists, checking that every sample is a `(T, C, H, W)` array of
+        numbers and that per-sample arguments have one entry per sample."""
         if isinstance(images, dict):
             images = [images]
         if isinstance(images, (list, tuple)) and images and isinstance(images[0], dict):
@@ -227,20 +263,21 @@ class TiMoImageProcessor(BaseImageProcessor):
             if all(label is None for label in labels):
                 labels = None
             images = [example["pixel_values"] for example in images]
-        if isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4:
-            images = [images]
-            dates = [dates] if dates is not None else None
-            labels = [labels] if labels is not None else None
-            if band_names is not None and (not band_names or isinstance(band_names[0], str)):
-                band_names = [band_names]
+        if isinstance(images, (np.ndarray, torch.Tensor)):
+            if images.ndim not in (4, 5):
+                raise ValueError(f"images has shape {tuple(images.shape)}; pass one sample as (T, C, H, W) (one date: "
+                                 "add a time axis, image[None]) or a batch as (B, T, C, H, W)")
+            if images.ndim == 4:
+                images = [images]
+                labels = [labels] if labels is not None else None
         images = [image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
                   for image in images]
-        if any(image.ndim != 4 for image in images):
-            raise ValueError("each sample must be a (T, C, H, W) array")
+        for index, image in enumerate(images):
+            _check_sample(index, image)
         count = len(images)
-        if band_names is not None and (not band_names or isinstance(band_names[0], str)):
-            band_names = [band_names] * count
-        return images, dates or [None] * count, band_names or [None] * count, labels
+        if labels is not None and len(labels) != count:
+            raise ValueError(f"labels has {len(labels)} entries for {count} samples")
+        return images, _per_sample(dates, count, "dates"), _per_sample(band_names, count, "band_names"), labels
 
     # ------------------------------------------------------------------------------------------- per-sample steps
     def _select_bands(self, image: np.ndarray, names) -> np.ndarray:
@@ -315,16 +352,17 @@ class TiMoImageProcessor(BaseImageProcessor):
                    **kwargs) -> BatchFeature:
         """Process one sample (T, C, H, W), a batch (list of samples or [B, T, C, H, W]) or dataset examples.
 
-        dates: ISO date strings per sample (needed for temporal_encoding="days"); band_names: the input's band
-        names (shared or per sample) for band selection; labels: per-sample masks (H, W) / (T, H, W), or class
-        ids (scalar / per frame). Dataset examples (dicts with pixel_values, dates, band_names, label) may be
-        passed directly as `images`.
+        dates: ISO dates, one per frame, per sample or one list shared by every sample (needed for
+        temporal_encoding="days", checked whenever given); band_names: the input's band names (shared or per sample)
+        for band selection; labels: per-sample masks (H, W) / (T, H, W), or class ids (scalar / per frame). Dataset
+        examples (dicts with pixel_values, dates, band_names, label) may be passed directly as `images`.
         """
         rng = np.random.default_rng(seed) if seed is not None else self._rng
         images, dates, band_names, labels = self._batch(images, dates, band_names, labels)
         samples = []
         for index, (image, sample_dates, names) in enumerate(zip(images, dates, band_names)):
             label = None if labels is None or labels[index] is None else np.asarray(labels[index])
+            sample_dates = _parse_dates(index, sample_dates, image.shape[0])
             keep = self._frame_indices(image.shape[0], rng)
             image = self._select_bands(image[keep], names)
             valid = np.isfinite(image)
@@ -341,13 +379,13 @@ class TiMoImageProcessor(BaseImageProcessor):
 
     __call__ = preprocess
 
-    def _positions(self, keep: np.ndarray, sample_dates) -> np.ndarray | None:
+    def _positions(self, keep: np.ndarray, sample_dates: list[datetime.date] | None) -> np.ndarray | None:
         """Day offsets from the first kept date ("days"); None for "index" (filled in by `_collate`)."""
         if self.temporal_encoding == "index":
             return None
         if sample_dates is None:
             raise ValueError('temporal_encoding="days" needs the dates of every sample')
-        chosen = [datetime.date.fromisoformat(str(sample_dates[i])[:10]) for i in keep]
+        chosen = [sample_dates[i] for i in keep]
         return np.asarray([(date - chosen[0]).days for date in chosen], dtype=np.float32)
 
     def _collate(self, samples, with_labels: bool) -> dict:

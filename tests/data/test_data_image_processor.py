@@ -80,6 +80,36 @@ def test_padding_frames_and_temporal_positions():
         TiMoImageProcessor(temporal_encoding="days")(images)
 
 
+def test_dates_shared_by_a_batch_or_given_per_sample():
+    images = [_series(t=3), _series(t=3, seed=1)]
+    days = TiMoImageProcessor(temporal_encoding="days")
+    shared = days(images, dates=DATES[:3])["temporal_positions"].tolist()
+    assert shared == [[0, 10, 31], [0, 10, 31]]
+    assert days(images, dates=[DATES[:3], DATES[2:]])["temporal_positions"].tolist() == [[0, 10, 31], [0, 29, 30]]
+
+
+@pytest.mark.parametrize(
+    "images, kwargs, message",
+    [
+        ([_series(), _series(seed=1)], {"dates": [DATES]}, "dates has 1 entries for 2 samples"),
+        ([_series(), _series(seed=1)], {"labels": [np.zeros((20, 20))]}, "labels has 1 entries for 2 samples"),
+        (_series(t=5), {"dates": DATES[:4]}, "sample 0 has 5 frames but 4 dates"),
+        (_series(t=5), {"dates": DATES[:4] + ["2020-13-01"]}, "sample 0: dates must be ISO dates"),
+        (_series()[0], {}, r"images has shape \(3, 20, 20\).*image\[None\]"),
+        ([_series(), _series()[0]], {}, r"sample 1 has shape \(3, 20, 20\)"),
+        (_series()[:0], {}, "sample 0 has no frames"),
+        (_series().astype(np.complex64), {}, "sample 0 has dtype complex64"),
+    ],
+    ids=["dates-per-batch", "labels-per-batch", "date-count", "bad-date", "one-frame", "one-frame-in-batch",
+         "no-frames", "complex"],
+)
+def test_bad_inputs_raise_value_errors_naming_the_problem(images, kwargs, message):
+    """Dates are checked whenever given (also for the default frame-index encoding), and a per-sample argument of
+    the wrong length raises instead of silently dropping samples."""
+    with pytest.raises(ValueError, match=message):
+        TiMoImageProcessor()(images, **kwargs)
+
+
 def test_nodata_and_nan_become_fill_value_with_a_valid_mask():
     image = _series(t=2, c=2, h=32, w=32).astype(np.float32)
     image[0, 1, 3, 4] = np.nan

@@ -50,8 +50,7 @@ class _TileModel:
         self.dtype = PRECISIONS[precision]
 
     def _inputs(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
-        dates = [self.dates] * len(tiles) if self.dates else None
-        batch = self.processor(list(tiles), dates=dates, return_tensors="pt")
+        batch = self.processor(list(tiles), dates=self.dates, return_tensors="pt")  # one list of dates for all tiles
         return {
             "pixel_values": batch["pixel_values"].to(self.device),
             "temporal_positions": batch["temporal_positions"].to(self.device),
