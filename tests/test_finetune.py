@@ -306,6 +306,23 @@ def test_bad_settings_are_refused_with_a_clear_message():
         finetune.parse_args(["--config", TIME_TELLS, "--data.train_fraction", "0"])
     with pytest.raises(ValueError, match="model.task"):
         finetune.parse_args(["--config", TIME_TELLS, "--model.task", "detection"])
+    with pytest.raises(ValueError, match="data.padded_frames must be one of"):
+        finetune.parse_args(["--config", TIME_TELLS, "--data.padded_frames", "drop"])
+
+
+@pytest.mark.parametrize("padded_frames", ["leave_out", "keep"])
+def test_padded_frames_reach_the_model_only_when_kept(padded_frames):
+    """`data.padded_frames`: the collated batch carries the processor's frame_mask (the model leaves padded frames
+    out) unless they are kept as frames, as officially."""
+    from timo_hf.image_processing_timo import TiMoImageProcessor
+
+    examples = [({"pixel_values": np.ones((frames, 3, 32, 32), np.float32), "label": 0}, 0) for frames in (1, 2)]
+    batch = finetune.ProcessBatch(TiMoImageProcessor(), padded_frames)(examples)
+    inputs = finetune.model_inputs(batch, "cpu")
+    if padded_frames == "keep":
+        assert set(inputs) == {"pixel_values", "temporal_positions"}
+    else:
+        assert inputs["frame_mask"].tolist() == [[True, False], [True, True]]
 
 
 # ------------------------------------------------------------------------------------------------ DDP

@@ -100,6 +100,7 @@ logger = logging.getLogger("timo_hf.finetune")
 
 MODEL_CLASSES = {"segmentation": TiMoForSemanticSegmentation, "classification": TiMoForImageClassification}
 CLASSIFICATION_IGNORE_INDEX = -100  # label of padded frames (TiMoImageProcessor)
+PADDED_FRAMES = ("leave_out", "keep")  # data.padded_frames
 
 DEFAULTS = {
     "model": {
@@ -126,6 +127,8 @@ DEFAULTS = {
         "normalization_statistics": None,  # "train" (per-band stats of the training split) | JSON file | null
         "statistics_samples": 256,
         "num_workers": 0,
+        "padded_frames": "leave_out",  # frames the processor pads (frame_mask False): "leave_out" of the model, or
+        # "keep" them as frames (official: the model sees the padding)
     },
     "training": {
         "output_dir": "runs/finetune",
@@ -172,6 +175,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     fraction = settings["data"]["train_fraction"]
     if not 0.0 < float(fraction) <= 1.0:
         raise ValueError(f"data.train_fraction must be in (0, 1], got {fraction!r}.")
+    if settings["data"]["padded_frames"] not in PADDED_FRAMES:
+        raise ValueError(f"data.padded_frames must be one of {PADDED_FRAMES}, got "
+                         f"{settings['data']['padded_frames']!r}.")
     return settings
 
 
@@ -251,14 +257,17 @@ class IndexedExamples(torch.utils.data.Dataset):
 
 
 class ProcessBatch:
-    """Collate `(example, seed)` pairs into model inputs with a processor, its random draws seeded by the batch."""
+    """Collate `(example, seed)` pairs into model inputs with a processor, its random draws seeded by the batch;
+    with `padded_frames="keep"` the batch has no `frame_mask`, so the model sees padded frames as frames."""
 
-    def __init__(self, processor: TiMoImageProcessor):
-        self.processor = processor
+    def __init__(self, processor: TiMoImageProcessor, padded_frames: str = "leave_out"):
+        self.processor, self.padded_frames = processor, padded_frames
 
     def __call__(self, items):
         examples = [example for example, _ in items]
         batch = self.processor(examples, seed=derive_seed(*[seed for _, seed in items]))
+        if self.padded_frames == "keep":
+            del batch["frame_mask"]
         batch["sample_id"] = [example.get("sample_id") for example in examples]
         return batch
 
@@ -374,11 +383,15 @@ def log_initialisation(report: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------- eval
+def model_inputs(batch: dict, device) -> dict:
+    """The processor's outputs the model takes, on `device` (with a `frame_mask`, padded frames are left out)."""
+    return {name: batch[name].to(device) for name in ("pixel_values", "temporal_positions", "frame_mask")
+            if name in batch}
+
+
 def predict(model, batch: dict, device) -> torch.Tensor:
     """Class indices: `[B, H, W]` / `[B, T, H, W]` (segmentation) or `[B]` / `[B, T]` (classification)."""
-    logits = model(
-        pixel_values=batch["pixel_values"].to(device), temporal_positions=batch["temporal_positions"].to(device)
-    ).logits
+    logits = model(**model_inputs(batch, device)).logits
     channel_dim = -3 if isinstance(model, TiMoForSemanticSegmentation) else -1
     return logits.argmax(dim=channel_dim)
 
@@ -391,9 +404,10 @@ def ignore_index_of(model) -> int:
 
 @torch.no_grad()
 def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size: int, accelerator=None,
-                   num_quicklooks: int = 0, desc: str = "eval") -> tuple[ConfusionMatrix, list[dict]]:
+                   num_quicklooks: int = 0, desc: str = "eval",
+                   padded_frames: str = "leave_out") -> tuple[ConfusionMatrix, list[dict]]:
     """Confusion matrix of `model` on `dataset`, summed over processes, and up to `num_quicklooks` samples
-    (inputs, labels, predictions) of the main process.
+    (inputs, labels, predictions) of the main process (`padded_frames` as `ProcessBatch` takes it).
 
     Process `r` of `W` evaluates examples `r, r + W, ...` (each example counted exactly once), with the model
     unwrapped and its buffers (BatchNorm statistics) broadcast from process 0, so results do not depend on `W`.
@@ -411,7 +425,7 @@ def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size:
     share = list(range(rank, len(dataset), world))
     padded = share + share[:1] * (math.ceil(len(dataset) / world) - len(share))
     loader = torch.utils.data.DataLoader(
-        IndexedExamples(dataset, padded), batch_size=batch_size, collate_fn=ProcessBatch(processor),
+        IndexedExamples(dataset, padded), batch_size=batch_size, collate_fn=ProcessBatch(processor, padded_frames),
     )
     matrix = ConfusionMatrix(model.config.num_labels, ignore_index_of(model))
     quicklooks = []
@@ -552,17 +566,8 @@ def learning_rate_at(step: int, training: dict, peak_lr: float, total_steps: int
 
 
 def training_loss(model, batch: dict, device) -> torch.Tensor:
-    """Cross-entropy of the task; the model checks the labels. Padded frames (label -100) of classification
-    batches are left out here, since the model's own loss expects every frame labelled."""
-    pixel_values = batch["pixel_values"].to(device)
-    temporal_positions = batch["temporal_positions"].to(device)
-    labels = batch["labels"].to(device)
-    if isinstance(model.module if hasattr(model, "module") else model, TiMoForImageClassification):
-        logits = model(pixel_values=pixel_values, temporal_positions=temporal_positions).logits
-        return torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=CLASSIFICATION_IGNORE_INDEX
-        )
-    return model(pixel_values=pixel_values, temporal_positions=temporal_positions, labels=labels).loss
+    """Cross-entropy of the task; the model checks the labels and leaves padded frames out."""
+    return model(**model_inputs(batch, device), labels=batch["labels"].to(device)).loss
 
 
 def is_better(value: float | None, best: float | None, greater_is_better: bool) -> bool:
@@ -634,7 +639,8 @@ def main(argv: list[str] | None = None) -> dict:
     start_step = int(state["step"])
     plan = EpochBatchPlan(len(subset), batch_size, world_size, rank, seed, start=start_step * accumulation)
     loader = torch.utils.data.DataLoader(
-        IndexedExamples(train_full, subset), batch_sampler=plan, collate_fn=ProcessBatch(train_processor),
+        IndexedExamples(train_full, subset), batch_sampler=plan,
+        collate_fn=ProcessBatch(train_processor, data["padded_frames"]),
         num_workers=int(data["num_workers"]),
     )
     batches = iter(loader)
@@ -674,7 +680,8 @@ def main(argv: list[str] | None = None) -> dict:
             record = {"step": step, "epoch": epoch}
             if validation is not None:
                 matrix, _ = evaluate_split(accelerator.unwrap_model(model), validation, eval_processor,
-                                           batch_size=eval_batch, accelerator=accelerator, desc="validation")
+                                           batch_size=eval_batch, accelerator=accelerator, desc="validation",
+                                           padded_frames=data["padded_frames"])
                 scores = summarise(matrix, class_names, task)
                 if training["metric_for_best"] not in scores:
                     known = sorted(name for name, value in scores.items() if not isinstance(value, (dict, list)))
@@ -746,7 +753,7 @@ def finish(accelerator, model, settings, state, splits, eval_processor, class_na
         batch_size = int(training["eval_batch_size"] or training["per_device_batch_size"])
         matrix, quicklooks = evaluate_split(unwrapped, splits[test_name], eval_processor, batch_size=batch_size,
                                             accelerator=accelerator, num_quicklooks=int(training["num_quicklooks"]),
-                                            desc="test")
+                                            desc="test", padded_frames=data["padded_frames"])
         results["test"] = summarise(matrix, class_names, task)
         results["test"]["split"] = test_name
         accelerator.log({f"test/{name}": value for name, value in results["test"].items()

@@ -26,6 +26,7 @@ from transformers.utils.generic import can_return_tuple
 from .attention_fast import STGA_IMPLEMENTATIONS
 from .attention_timo import TiMoQueryOffset, unpack
 from .configuration_timo import TiMoConfig
+from .frame_masks import check_frame_mask, frame_groups, mean_over_kept_frames, scatter_frames
 
 
 MIN_INPUT_SIZE = 32
@@ -40,15 +41,19 @@ class TiMoModelOutput(ModelOutput):
         last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_frames, hidden_sizes[-1], h4, w4)`):
             Last stage feature map of every frame (after the stage LayerNorm).
         pooler_output (`torch.FloatTensor` of shape `(batch_size, hidden_sizes[-1])`):
-            Mean of the last stage over frames and positions (what the official classifier pools).
+            Mean of the last stage over frames and positions (what the official classifier pools); over the kept
+            frames only where a `frame_mask` leaves frames out.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states=True`):
             The stem output (position encoding included) and every stage output, each
             `(batch_size, num_frames, channels, height, width)`, in `config.stage_names` order.
+        frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+            The `frame_mask` passed in, where it left frames out (zeros in the maps above), else `None`.
     """
 
     last_hidden_state: torch.FloatTensor | None = None
     pooler_output: torch.FloatTensor | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    frame_mask: torch.BoolTensor | None = None
 
 
 def as_frames(pixel_values: torch.Tensor, num_channels: int) -> torch.Tensor:
@@ -495,15 +500,45 @@ class TiMoModel(TiMoPreTrainedModel):
         return self.embeddings.stem
 
     def compute_feature_maps(
-        self, pixel_values: torch.Tensor, temporal_positions: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        temporal_positions: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
-        """Validate the inputs and return `[stem, stage1, ..., stage4]` maps, each `[B * T, C, h, w]`."""
+        """Validate the inputs and return `[stem, stage1, ..., stage4]` maps, each `[B * T, C, h, w]` (zeros at the
+        frames `frame_mask` leaves out)."""
+        pixel_values, frame_mask = self._checked_inputs(pixel_values, temporal_positions, frame_mask)
+        return self._feature_maps(pixel_values, temporal_positions, frame_mask)
+
+    def _checked_inputs(self, pixel_values, temporal_positions, frame_mask):
+        """`pixel_values` as `[B, T, C, H, W]` and the frame mask (`None`: every frame kept), validated."""
         pixel_values = as_frames(pixel_values, self.config.num_channels)
         check_inputs(pixel_values, temporal_positions, self.config)
-        batch_size, num_frames = pixel_values.shape[:2]
+        return pixel_values, check_frame_mask(frame_mask, pixel_values)
+
+    def _feature_maps(self, pixel_values, temporal_positions, frame_mask) -> list[torch.Tensor]:
+        if frame_mask is not None:
+            return self._feature_maps_of_kept_frames(pixel_values, temporal_positions, frame_mask)
+        num_frames = pixel_values.shape[1]
         tokens, height, width = self.embeddings(pixel_values, temporal_positions)
         stem = tokens_to_frames(tokens, num_frames, height, width)
         return [stem] + self.encoder(tokens, num_frames, height, width)
+
+    def _feature_maps_of_kept_frames(self, pixel_values, temporal_positions, frame_mask) -> list[torch.Tensor]:
+        """Each group of samples that keep as many frames runs alone on its kept frames (so a sample's maps are
+        those it gets alone, in eval mode; in training mode BatchNorm sees each group's statistics); the maps are
+        laid out again on all frames, zeros at the left-out ones."""
+        batch_size, num_frames = frame_mask.shape
+        layouts = None
+        for samples, frames in frame_groups(frame_mask):
+            rows = samples.unsqueeze(1)
+            positions = None if temporal_positions is None else temporal_positions.to(frame_mask.device)[rows, frames]
+            maps = self._feature_maps(pixel_values[rows, frames], positions, None)
+            if layouts is None:
+                layouts = [m.new_zeros(batch_size, num_frames, *m.shape[1:]) for m in maps]
+            for layout, group_map in zip(layouts, maps):
+                layout[rows, frames] = split_frames(group_map, len(samples))
+        return [layout.flatten(0, 1) for layout in layouts]
 
     @can_return_tuple
     def forward(
@@ -511,19 +546,25 @@ class TiMoModel(TiMoPreTrainedModel):
         pixel_values: torch.Tensor,
         temporal_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TiMoModelOutput:
         r"""
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
                 Normalised time series, in any floating dtype (cast to the model's). `height` and `width` must be
-                at least 32 and need not be equal nor multiples of 32. A flattened `(batch_size, num_frames * num_channels, height, width)` tensor
-                (time-major) is accepted too.
+                at least 32 and need not be equal nor multiples of 32. A flattened
+                `(batch_size, num_frames * num_channels, height, width)` tensor (time-major) is accepted too.
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 Temporal coordinate of each frame for the position encoding. Defaults to the frame index
                 `0..T-1` (what the official model was trained with); acquisition offsets in days are the way to
                 pass real dates.
             output_hidden_states (`bool`, *optional*): also return the stem and every stage map.
+            frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+                Which frames of each sample are real (True) in a batch of series of different lengths, as
+                `TiMoImageProcessor` pads them. Every sample then runs on its kept frames only (in eval mode, its
+                outputs are those it gets alone); the maps of left-out frames are zeros. Not in the official model,
+                which sees padded frames as frames.
 
         Returns:
             [`TiMoModelOutput`]: `last_hidden_state` `(B, T, C4, h4, w4)`, `pooler_output` `(B, C4)` and
@@ -542,13 +583,19 @@ class TiMoModel(TiMoPreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
+        pixel_values, frame_mask = self._checked_inputs(pixel_values, temporal_positions, frame_mask)
         batch_size = pixel_values.shape[0]
-        feature_maps = self.compute_feature_maps(pixel_values, temporal_positions)
+        feature_maps = self._feature_maps(pixel_values, temporal_positions, frame_mask)
         last = split_frames(feature_maps[-1], batch_size)
+        if frame_mask is None:
+            pooled = last.mean(dim=(1, 3, 4))
+        else:
+            pooled = mean_over_kept_frames(last.mean(dim=(3, 4)), frame_mask)
         return TiMoModelOutput(
             last_hidden_state=last,
-            pooler_output=last.mean(dim=(1, 3, 4)),
+            pooler_output=pooled,
             hidden_states=tuple(split_frames(f, batch_size) for f in feature_maps) if output_hidden_states else None,
+            frame_mask=frame_mask,
         )
 
 
@@ -574,6 +621,7 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
         pixel_values: torch.Tensor,
         temporal_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> BackboneOutput:
         r"""
@@ -583,13 +631,15 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 As for [`TiMoModel`].
             output_hidden_states (`bool`, *optional*): also return every stage map.
+            frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+                As for [`TiMoModel`]: the maps of left-out frames are zeros.
 
         Returns:
             [`BackboneOutput`] with `feature_maps` for `config.out_features`, each `(B * T, C, h, w)`.
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        all_maps = self.timo.compute_feature_maps(pixel_values, temporal_positions)
+        all_maps = self.timo.compute_feature_maps(pixel_values, temporal_positions, frame_mask)
         feature_maps = tuple(all_maps[self.stage_names.index(name)] for name in self.out_features)
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=tuple(all_maps) if output_hidden_states else None
@@ -597,19 +647,25 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
 
 
 def check_labels(
-    labels: torch.Tensor, expected_shape: tuple[int, ...], num_labels: int, ignore_index: int | None = None
+    labels: torch.Tensor,
+    expected_shape: tuple[int, ...],
+    num_labels: int,
+    ignore_index: int | None = None,
+    frame_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Validate class-index `labels` against the logits they score and return them as int64.
 
     Raises a ValueError naming what was expected when the shape differs, the dtype is not integer, or a value lies
-    outside `[0, num_labels)` (other than `ignore_index`).
+    outside `[0, num_labels)` (other than `ignore_index`). Per-frame labels (`[B, T, ...]`) are checked at the frames
+    `frame_mask` keeps only: the padded ones carry the processor's padding label.
     """
     if tuple(labels.shape) != tuple(expected_shape):
         raise ValueError(f"labels must have shape {tuple(expected_shape)}, got {tuple(labels.shape)}.")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise ValueError(f"labels must hold integer class indices, got dtype {labels.dtype}.")
     labels = labels.long()
-    valid = labels if ignore_index is None else labels[labels != ignore_index]
+    valid = labels if frame_mask is None else labels[frame_mask.to(labels.device)]
+    valid = valid if ignore_index is None else valid[valid != ignore_index]
     if valid.numel() and (valid.min() < 0 or valid.max() >= num_labels):
         allowed = f"[0, {num_labels - 1}]" + ("" if ignore_index is None else f" or the ignore index {ignore_index}")
         raise ValueError(
@@ -655,6 +711,7 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
         labels: torch.Tensor | None = None,
         temporal_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> ImageClassifierOutput:
         r"""
@@ -668,6 +725,9 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 As for [`TiMoModel`].
             output_hidden_states (`bool`, *optional*): also return the stem and stage maps of [`TiMoModel`].
+            frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+                As for [`TiMoModel`]: `"mean"` pooling averages the kept frames; `"per_frame"` logits of left-out
+                frames are zeros, and the loss and the label checks leave those frames out.
 
         Returns:
             [`ImageClassifierOutput`]: `logits` `(batch_size, num_labels)` for `"mean"` pooling or
@@ -688,17 +748,25 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
         ```
         """
         outputs = self.timo(
-            pixel_values, temporal_positions=temporal_positions, output_hidden_states=output_hidden_states
+            pixel_values,
+            temporal_positions=temporal_positions,
+            frame_mask=frame_mask,
+            output_hidden_states=output_hidden_states,
         )
-        if self.config.classifier_pooling == "per_frame":
-            pooled = outputs.last_hidden_state.mean(dim=(3, 4))
+        frame_mask = outputs.frame_mask
+        per_frame = self.config.classifier_pooling == "per_frame"
+        if per_frame:
+            logits = self.classifier(outputs.last_hidden_state.mean(dim=(3, 4)))
+            if frame_mask is not None:
+                logits = logits.masked_fill(~frame_mask.unsqueeze(-1), 0.0)
         else:
-            pooled = outputs.pooler_output
-        logits = self.classifier(pooled)
+            logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
-            labels = check_labels(labels, logits.shape[:-1], self.num_labels).to(logits.device)
-            loss = F.cross_entropy(logits.reshape(-1, self.num_labels), labels.reshape(-1))
+            kept = frame_mask if per_frame else None
+            labels = check_labels(labels, logits.shape[:-1], self.num_labels, frame_mask=kept).to(logits.device)
+            scored_logits, scored_labels = (logits, labels) if kept is None else (logits[kept], labels[kept])
+            loss = F.cross_entropy(scored_logits.reshape(-1, self.num_labels), scored_labels.reshape(-1))
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -814,6 +882,7 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
         labels: torch.Tensor | None = None,
         temporal_positions: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput:
         r"""
@@ -828,6 +897,10 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 As for [`TiMoModel`].
             output_hidden_states (`bool`, *optional*): also return the stem and stage maps of [`TiMoModel`].
+            frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+                As for [`TiMoModel`]: the head decodes the kept frames only; `"max"` fusion takes the maximum over
+                them, `"none"` gives zero logits at left-out frames, whose labels the loss and the label checks
+                leave out.
 
         Returns:
             [`SemanticSegmenterOutput`]: `logits` `(batch_size, num_labels, height, width)` for `"max"` fusion or
@@ -848,20 +921,34 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
         ```
         """
         batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
-        outputs = self.timo(pixel_values, temporal_positions=temporal_positions, output_hidden_states=True)
-        stage_maps = [hidden_state.flatten(0, 1) for hidden_state in outputs.hidden_states[1:]]
-        features = self.decode_head(stage_maps)
-        if self.config.temporal_fusion == "max":
-            fused = split_frames(resize(features, (height, width)), batch_size).amax(dim=1)
-            logits = self.classifier(self.dropout(fused))
+        outputs = self.timo(
+            pixel_values, temporal_positions=temporal_positions, frame_mask=frame_mask, output_hidden_states=True
+        )
+        frame_mask = outputs.frame_mask
+
+        def kept_frames(maps):  # [B, T, ...] -> [frames, ...]
+            return maps.flatten(0, 1) if frame_mask is None else maps[frame_mask]
+
+        def all_frames(maps, fill):  # [frames, ...] -> [B, T, ...]
+            return split_frames(maps, batch_size) if frame_mask is None else scatter_frames(maps, frame_mask, fill)
+
+        features = self.decode_head([kept_frames(hidden_state) for hidden_state in outputs.hidden_states[1:]])
+        per_frame = self.config.temporal_fusion != "max"
+        if per_frame:
+            logits = all_frames(resize(self.classifier(self.dropout(features)), (height, width)), 0.0)
         else:
-            logits = split_frames(resize(self.classifier(self.dropout(features)), (height, width)), batch_size)
+            fused = all_frames(resize(features, (height, width)), float("-inf")).amax(dim=1)
+            logits = self.classifier(self.dropout(fused))
         loss = None
         if labels is not None:
             ignore_index = self.config.semantic_loss_ignore_index
             expected = logits.shape[:-3] + logits.shape[-2:]
-            labels = check_labels(labels, expected, self.num_labels, ignore_index).to(logits.device)
-            flat_logits, flat_labels = logits.reshape(-1, *logits.shape[-3:]), labels.reshape(-1, height, width)
+            kept = frame_mask if per_frame else None
+            labels = check_labels(labels, expected, self.num_labels, ignore_index, kept).to(logits.device)
+            if kept is not None:
+                flat_logits, flat_labels = logits[kept], labels[kept]
+            else:
+                flat_logits, flat_labels = logits.reshape(-1, *logits.shape[-3:]), labels.reshape(-1, height, width)
             if (flat_labels != ignore_index).any():
                 loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
             else:

@@ -20,6 +20,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_timo import TiMoConfig
+from .frame_masks import check_frame_mask
 from .modeling_timo import (
     TiMoLayer,
     TiMoModel,
@@ -281,6 +282,7 @@ class TiMoForMaskedImageModeling(TiMoPreTrainedModel):
         bool_masked_pos: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         temporal_positions: torch.Tensor | None = None,
+        frame_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> TiMoMaskedImageModelingOutput:
         r"""
@@ -299,6 +301,9 @@ class TiMoForMaskedImageModeling(TiMoPreTrainedModel):
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 Temporal coordinate of each frame for the encoder's and the decoder's position encodings (frame
                 index by default).
+            frame_mask (`torch.BoolTensor` of shape `(batch_size, num_frames)`, *optional*):
+                Accepted where it keeps every frame (a processor's batch of equal lengths); masked image modelling
+                reconstructs whole series, so a mask that leaves frames out is refused.
 
         Returns:
             [`TiMoMaskedImageModelingOutput`].
@@ -318,6 +323,11 @@ class TiMoForMaskedImageModeling(TiMoPreTrainedModel):
         config = self.config
         pixel_values = as_frames(pixel_values, config.num_channels)
         check_inputs(pixel_values, temporal_positions, config)
+        if check_frame_mask(frame_mask, pixel_values) is not None:
+            raise ValueError(
+                "TiMoForMaskedImageModeling reconstructs whole series: frame_mask leaves frames out; pre-train on "
+                "series of equal lengths (TiMoImageProcessor with num_frames and temporal_sampling)."
+            )
         batch_size, num_frames, channels, height, width = pixel_values.shape
         unit_size = config.mask_unit_size
         rows, cols = unit_grid(height, width, unit_size)
