@@ -114,15 +114,20 @@ def _per_sample(values, count: int, name: str) -> list:
 
 
 def _parse_dates(index: int, dates, num_frames: int) -> list[datetime.date] | None:
-    """Sample `index`'s dates as `datetime.date`s (ISO strings, dates or datetimes), one per frame."""
+    """Sample `index`'s dates as `datetime.date`s (ISO strings, dates or datetimes), one per frame, in the
+    chronological order that temporal sampling and day offsets assume."""
     if dates is None:
         return None
     if len(dates) != num_frames:
         raise ValueError(f"sample {index} has {num_frames} frames but {len(dates)} dates")
     try:
-        return [datetime.date.fromisoformat(str(date)[:10]) for date in dates]
+        parsed = [datetime.date.fromisoformat(str(date)[:10]) for date in dates]
     except ValueError:
         raise ValueError(f"sample {index}: dates must be ISO dates (YYYY-MM-DD), got {list(dates)}") from None
+    if parsed != sorted(parsed):
+        raise ValueError(f"sample {index}: frames must be in chronological order (sort them by date), got dates "
+                         f"{[date.isoformat() for date in parsed]}")
+    return parsed
 
 
 def canonical_band(name: str) -> str:

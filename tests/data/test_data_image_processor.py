@@ -95,13 +95,14 @@ def test_dates_shared_by_a_batch_or_given_per_sample():
         ([_series(), _series(seed=1)], {"labels": [np.zeros((20, 20))]}, "labels has 1 entries for 2 samples"),
         (_series(t=5), {"dates": DATES[:4]}, "sample 0 has 5 frames but 4 dates"),
         (_series(t=5), {"dates": DATES[:4] + ["2020-13-01"]}, "sample 0: dates must be ISO dates"),
+        (_series(t=3), {"dates": [DATES[1], DATES[0], DATES[2]]}, "sample 0: frames must be in chronological order"),
         (_series()[0], {}, r"images has shape \(3, 20, 20\).*image\[None\]"),
         ([_series(), _series()[0]], {}, r"sample 1 has shape \(3, 20, 20\)"),
         (_series()[:0], {}, "sample 0 has no frames"),
         (_series().astype(np.complex64), {}, "sample 0 has dtype complex64"),
     ],
-    ids=["dates-per-batch", "labels-per-batch", "date-count", "bad-date", "one-frame", "one-frame-in-batch",
-         "no-frames", "complex"],
+    ids=["dates-per-batch", "labels-per-batch", "date-count", "bad-date", "unsorted-dates", "one-frame",
+         "one-frame-in-batch", "no-frames", "complex"],
 )
 def test_bad_inputs_raise_value_errors_naming_the_problem(images, kwargs, message):
     """Dates are checked whenever given (also for the default frame-index encoding), and a per-sample argument of
