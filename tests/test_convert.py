@@ -42,6 +42,38 @@ def test_loads_a_pth_file_with_model_key_and_ddp_prefix(tmp_path, golden):
     assert torch.equal(model.embeddings.stem.conv1.weight, golden["state_dict"]["patch_embed1.conv.0.weight"])
 
 
+def test_loads_a_checkpoint_saved_as_the_official_training_scripts_save_it(tmp_path, golden):
+    """model / optimizer / epoch / scaler / args, the args an argparse.Namespace (official-timo.md 2.4)."""
+    import argparse
+
+    weights = golden["state_dict"]
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
+    path = tmp_path / "checkpoint-99.pth"
+    torch.save({"model": weights, "optimizer": optimizer.state_dict(), "epoch": 99, "scaler": {"scale": 65536.0},
+                "args": argparse.Namespace(model="TiMo_base", blr=1.5e-4, mask_ratio=0.75)}, path)
+    model = convert_original_checkpoint(path, config_of(golden))
+    assert torch.equal(model.embeddings.stem.conv1.weight, weights["patch_embed1.conv.0.weight"])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"not a checkpoint", "Could not read .*garbage.pth as a PyTorch checkpoint"),
+        (torch.zeros(3), "not an official TiMo state dict"),
+        ({"model": {"w": torch.zeros(1)}, "hook": print}, "Could not read .* Unsupported global"),
+    ],
+    ids=["corrupt", "a-tensor", "foreign-object"],
+)
+def test_unreadable_checkpoints_raise_value_errors_naming_the_file(tmp_path, golden, content, message):
+    path = tmp_path / "garbage.pth"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        torch.save(content, path)
+    with pytest.raises(ValueError, match=message):
+        convert_original_checkpoint(path, config_of(golden))
+
+
 def test_unknown_official_keys_are_listed(golden):
     state_dict = dict(golden["state_dict"], **{"block1.0.attn.extra.weight": torch.zeros(1)})
     with pytest.raises(ValueError, match="no timo_hf counterpart.*block1.0.attn.extra.weight"):

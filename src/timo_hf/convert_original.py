@@ -5,8 +5,10 @@ official key is either renamed or knowingly dropped; anything else is an error t
 timo_hf weight the checkpoint does not provide.
 """
 
+import argparse
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 
@@ -203,13 +205,30 @@ TASKS = {
 }
 
 
+def _read_checkpoint(path: str | os.PathLike):
+    """`torch.load` of a `.pth` file, tensors and plain values only (`weights_only`), plus the `argparse.Namespace`
+    that the official training scripts save beside the weights (`args`)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Official TiMo checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        # torch's own message starts with advice to load unsafely; the line naming the cause is more use here.
+        message = str(error) or type(error).__name__
+        cause = re.search(r"Unsupported [^.\n]*", message)
+        reason = cause.group(0) if cause else message.splitlines()[0]
+        raise ValueError(
+            f"Could not read {path} as a PyTorch checkpoint (not one, truncated, or holding objects other than "
+            f"tensors and plain values): {reason}"
+        ) from error
+
+
 def load_original_state_dict(checkpoint: str | os.PathLike | dict) -> dict:
     """Read an official checkpoint (a `.pth` path or an already loaded dict) and return its state dict."""
     if not isinstance(checkpoint, dict):
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"Official TiMo checkpoint not found: {checkpoint}")
-        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    state_dict = checkpoint.get("model", checkpoint)
+        checkpoint = _read_checkpoint(checkpoint)
+    state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else checkpoint
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError("The checkpoint is not an official TiMo state dict (expected a mapping of tensors).")
     return {key.removeprefix("module."): value for key, value in state_dict.items()}
@@ -225,7 +244,7 @@ def convert_original_checkpoint(
 
     Args:
         checkpoint: path to an official `.pth` file (state dict under `"model"`) or the loaded dict itself.
-            Loaded with `torch.load(weights_only=True)`.
+            Loaded with `torch.load(weights_only=True)` (the official scripts' saved `args` namespace allowed).
         config: the `TiMoConfig` describing the checkpoint's architecture (e.g. `TiMoConfig.from_preset("base")`).
         task: what the checkpoint holds. `"backbone"`: the official segmentation-file `TiMo` backbone;
             `"pretraining"`: the official `MaskedAutoencoderTiMo` (encoder and decoder; pass the decoder sizes in
