@@ -190,6 +190,18 @@ def test_grid_keeps_tiles_inside_the_scene_and_on_the_stride():
     assert (small.tile_height, small.tile_width, len(small)) == (64, 64, 1)
 
 
+def test_tiles_keep_every_date_whatever_the_training_processor_dropped():
+    """A processor saved with temporal sampling, resizing and min_valid_fraction still gives tiled inference every
+    date of a tile, an empty one included (per-date models write one map per scene date)."""
+    from timo_hf.inference import inference_processor
+
+    trained = TiMoImageProcessor(num_frames=2, temporal_sampling="first", size=64, min_valid_fraction=0.5)
+    tile = np.ones((3, 2, 32, 32), np.float32)
+    tile[1] = np.nan  # a date outside the swath in this tile
+    batch = inference_processor(trained)([tile], return_tensors="np")
+    assert batch["pixel_values"].shape == (1, 3, 2, 32, 32) and batch["frame_mask"].all()
+
+
 def test_per_date_models_write_one_map_band_per_date(scene_files, tmp_path):
     folder = save_model(tmp_path / "per_date", TiMoForSemanticSegmentation(tiny_segmentation_config(
         temporal_fusion="none")))

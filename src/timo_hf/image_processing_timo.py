@@ -5,7 +5,9 @@ Steps, per sample, in this order:
 1. band selection by name (``band_names``; "B04" matches "B4"), so inputs may carry extra bands in any order;
 2. valid-pixel mask: a pixel is valid when every selected band is finite and differs from ``nodata_value``;
 3. temporal sampling of the chronologically ordered frames: "all", "first" (first k), "evenly_spaced" (k indices
-   of linspace(0, T-1, k)), "random" (k distinct frames, kept in chronological order), k = ``num_frames``;
+   of linspace(0, T-1, k)), "random" (k distinct frames, kept in chronological order), k = ``num_frames``; with
+   ``min_valid_fraction`` set, among the frames with at least that fraction of valid pixels only (cloudy or
+   out-of-swath dates marked as nodata are dropped; a sample where none qualifies keeps its most valid frame);
 4. per-band normalisation (x - mean) / std in float32; invalid values are then replaced by ``fill_value``
    (in normalised units, so the default 0.0 is the band mean);
 5. optional resize to ``size`` (bilinear/nearest/bicubic; masks and labels nearest), optional crop to
@@ -158,6 +160,7 @@ class TiMoImageProcessorKwargs(ImagesKwargs, total=False):
     random_crop: bool
     size_divisor: int | None
     nodata_value: float | None
+    min_valid_fraction: float | None
     fill_value: float
     label_pad_value: int
     seed: int | None
@@ -170,7 +173,7 @@ class TiMoImageProcessor(BaseImageProcessor):
     valid_kwargs = TiMoImageProcessorKwargs
     _CONFIG_KEYS = ("band_names", "image_mean", "image_std", "normalization", "num_frames", "temporal_sampling",
                     "pad_frames", "temporal_encoding", "size", "resize_mode", "crop_size", "random_crop",
-                    "size_divisor", "nodata_value", "fill_value", "label_pad_value", "seed")
+                    "size_divisor", "nodata_value", "min_valid_fraction", "fill_value", "label_pad_value", "seed")
 
     def __init__(
         self,
@@ -188,6 +191,7 @@ class TiMoImageProcessor(BaseImageProcessor):
         random_crop: bool = False,
         size_divisor: int | None = 32,
         nodata_value: float | None = None,
+        min_valid_fraction: float | None = None,
         fill_value: float = 0.0,
         label_pad_value: int = 255,
         seed: int | None = None,
@@ -207,6 +211,8 @@ class TiMoImageProcessor(BaseImageProcessor):
         self._check_choice("resize_mode", resize_mode, _RESIZE_MODES)
         if temporal_sampling in ("first", "evenly_spaced", "random") and not num_frames:
             raise ValueError(f"temporal_sampling={temporal_sampling!r} needs num_frames")
+        if min_valid_fraction is not None and not 0.0 < min_valid_fraction <= 1.0:
+            raise ValueError(f"min_valid_fraction must be in (0, 1] (or None: every frame), got {min_valid_fraction}")
         self.band_names = list(band_names) if band_names is not None else None
         self.image_mean = self._per_band(image_mean, "image_mean")
         self.image_std = self._per_band(image_std, "image_std")
@@ -221,6 +227,7 @@ class TiMoImageProcessor(BaseImageProcessor):
         self.random_crop = random_crop
         self.size_divisor = size_divisor
         self.nodata_value = nodata_value
+        self.min_valid_fraction = min_valid_fraction
         self.fill_value = fill_value
         self.label_pad_value = label_pad_value
         self.seed = seed
@@ -299,6 +306,22 @@ class TiMoImageProcessor(BaseImageProcessor):
             raise ValueError(f"bands {missing} not in the input bands {list(names)}")
         return image[:, [available.index(canonical_band(band)) for band in self.band_names]]
 
+    def _valid(self, image: np.ndarray) -> np.ndarray:
+        """Where values are finite and not `nodata_value`."""
+        valid = np.isfinite(image)
+        if self.nodata_value is not None:
+            valid &= image != self.nodata_value
+        return valid
+
+    def _usable_frames(self, image: np.ndarray, names) -> np.ndarray:
+        """Indices of the frames with at least `min_valid_fraction` of their pixels valid in every band (all frames
+        when it is unset); where none qualifies, the frame with the most valid pixels."""
+        if self.min_valid_fraction is None:
+            return np.arange(image.shape[0])
+        fraction = self._valid(self._select_bands(image, names)).all(axis=1).mean(axis=(1, 2))
+        usable = np.flatnonzero(fraction >= self.min_valid_fraction)
+        return usable if usable.size else np.array([int(fraction.argmax())])
+
     def _frame_indices(self, num_available: int, rng: np.random.Generator) -> np.ndarray:
         k = self.num_frames
         if self.temporal_sampling == "all" or not k or num_available <= k:
@@ -368,11 +391,10 @@ class TiMoImageProcessor(BaseImageProcessor):
         for index, (image, sample_dates, names) in enumerate(zip(images, dates, band_names)):
             label = None if labels is None or labels[index] is None else np.asarray(labels[index])
             sample_dates = _parse_dates(index, sample_dates, image.shape[0])
-            keep = self._frame_indices(image.shape[0], rng)
+            usable = self._usable_frames(image, names)
+            keep = usable[self._frame_indices(len(usable), rng)]
             image = self._select_bands(image[keep], names)
-            valid = np.isfinite(image)
-            if self.nodata_value is not None:
-                valid &= image != self.nodata_value
+            valid = self._valid(image)
             pixels = self._normalize(image)
             pixels[~valid] = self.fill_value
             if label is not None and label.ndim in (1, 3):  # per-frame ids / per-frame masks follow the frames

@@ -111,6 +111,31 @@ def test_bad_inputs_raise_value_errors_naming_the_problem(images, kwargs, messag
         TiMoImageProcessor()(images, **kwargs)
 
 
+def test_frames_without_enough_valid_pixels_are_dropped_before_sampling(tmp_path):
+    """min_valid_fraction: an out-of-swath date (all nodata) and a cloudy one (70% nodata) leave the series; the
+    dates, per-frame labels and temporal sampling follow the frames kept."""
+    image = _series(t=5, c=2, h=10, w=10).astype(np.float32)
+    image[1] = -9999  # all nodata
+    image[3, 0, :7] = np.nan  # 70% of the pixels missing in one band
+    labels = np.arange(5)
+    processor = TiMoImageProcessor(nodata_value=-9999, min_valid_fraction=0.5, temporal_encoding="days")
+    out = processor(image, dates=DATES, labels=labels, return_tensors="np")
+    assert out["frame_mask"].tolist() == [[True, True, True]]
+    assert out["labels"].tolist() == [[0, 2, 4]]
+    assert out["temporal_positions"].tolist() == [[0, 31, 61]]  # 2020-01-01, 2020-02-01, 2020-03-02
+    np.testing.assert_array_equal(out["valid_mask"][0, :, :10, :10], True)
+    sampled = TiMoImageProcessor(nodata_value=-9999, min_valid_fraction=0.5, num_frames=2,
+                                 temporal_sampling="evenly_spaced")(image, labels=labels, return_tensors="np")
+    assert sampled["labels"].tolist() == [[0, 4]]
+    image[:, 1, 1:] = np.nan  # no frame keeps half its pixels: the most valid one (frame 3 is worse) stays
+    image[2, 1, 1] = 0
+    assert processor(image, dates=DATES, labels=labels, return_tensors="np")["labels"].tolist() == [[2]]
+    processor.save_pretrained(tmp_path)
+    assert TiMoImageProcessor.from_pretrained(tmp_path).min_valid_fraction == 0.5
+    with pytest.raises(ValueError, match="min_valid_fraction must be in"):
+        TiMoImageProcessor(min_valid_fraction=0.0)
+
+
 def test_nodata_and_nan_become_fill_value_with_a_valid_mask():
     image = _series(t=2, c=2, h=32, w=32).astype(np.float32)
     image[0, 1, 3, 4] = np.nan

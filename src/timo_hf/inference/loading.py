@@ -71,10 +71,12 @@ def load_processor(reference: str | os.PathLike, processor: str | os.PathLike | 
 
 
 def inference_processor(processor: TiMoImageProcessor) -> TiMoImageProcessor:
-    """A copy that only normalises: every frame, no resize, crop or frame padding (tiles are cut by the caller)."""
+    """A copy that only normalises: every frame (none dropped for missing pixels: every tile keeps the scene's
+    dates), no resize, crop or frame padding (tiles are cut by the caller)."""
     settings = processor.to_dict()
     settings.pop("image_processor_type", None)
-    settings.update(size=None, crop_size=None, random_crop=False, temporal_sampling="all", pad_frames=False)
+    settings.update(size=None, crop_size=None, random_crop=False, temporal_sampling="all", pad_frames=False,
+                    min_valid_fraction=None)
     return TiMoImageProcessor(**settings)
 
 
