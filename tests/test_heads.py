@@ -241,13 +241,24 @@ def test_missing_num_labels_is_refused(tiny_config_kwargs):
         TiMoForSemanticSegmentation(TiMoConfig(num_labels=1, **tiny_config_kwargs))
 
 
+def test_classification_labels_of_minus_100_are_ignored(tiny_config_kwargs):
+    """Cross-entropy's default ignore index, which the processor gives padded frames: a batch whose padded frames
+    stay in (no frame_mask) scores the labelled frames only."""
+    model = build(TiMoForImageClassification, make_config(tiny_config_kwargs, classifier_pooling="per_frame"))
+    labels = torch.tensor([[0, 1, -100], [2, -100, -100]])
+    with torch.no_grad():
+        outputs = model(torch.randn(2, 3, 3, 32, 32), labels=labels)
+    labelled = labels != -100
+    assert torch.allclose(outputs.loss, F.cross_entropy(outputs.logits[labelled], labels[labelled]))
+
+
 @pytest.mark.parametrize(
     "pooling, labels, message",
     [
         ("mean", torch.zeros(2, 3, dtype=torch.long), r"shape \(2,\), got \(2, 3\)"),
         ("per_frame", torch.zeros(2, dtype=torch.long), r"shape \(2, 3\), got \(2,\)"),
-        ("mean", torch.tensor([0, 3]), r"in \[0, 2\], got values from 0 to 3"),
-        ("mean", torch.tensor([-1, 1]), r"in \[0, 2\], got values from -1 to 1"),
+        ("mean", torch.tensor([0, 3]), r"in \[0, 2\] or the ignore index -100, got values from 0 to 3"),
+        ("mean", torch.tensor([-1, 1]), r"in \[0, 2\] or the ignore index -100, got values from -1 to 1"),
         ("mean", torch.tensor([0.0, 1.0]), "integer class indices"),
     ],
 )

@@ -92,14 +92,17 @@ from timo_hf.convert_original import (  # noqa: E402
 )
 from timo_hf.image_processing_timo import TiMoImageProcessor  # noqa: E402
 from timo_hf.metrics import ConfusionMatrix  # noqa: E402
-from timo_hf.modeling_timo import TiMoForImageClassification, TiMoForSemanticSegmentation  # noqa: E402
+from timo_hf.modeling_timo import (  # noqa: E402
+    CLASSIFICATION_IGNORE_INDEX,
+    TiMoForImageClassification,
+    TiMoForSemanticSegmentation,
+)
 from timo_hf.plotting import pyplot  # noqa: E402
 
 
 logger = logging.getLogger("timo_hf.finetune")
 
 MODEL_CLASSES = {"segmentation": TiMoForSemanticSegmentation, "classification": TiMoForImageClassification}
-CLASSIFICATION_IGNORE_INDEX = -100  # label of padded frames (TiMoImageProcessor)
 PADDED_FRAMES = ("leave_out", "keep")  # data.padded_frames
 
 DEFAULTS = {

@@ -30,6 +30,8 @@ from .frame_masks import check_frame_mask, frame_groups, mean_over_kept_frames, 
 
 
 MIN_INPUT_SIZE = 32
+# Class labels the classification loss ignores: cross-entropy's default, and TiMoImageProcessor's padded frames.
+CLASSIFICATION_IGNORE_INDEX = -100
 
 
 @dataclass
@@ -719,9 +721,10 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
             pixel_values (`torch.FloatTensor` of shape `(batch_size, num_frames, num_channels, height, width)`):
                 As for [`TiMoModel`]; the flattened `(batch_size, num_frames * num_channels, height, width)` of 4-D
                 tooling is read as frames of `config.num_channels` bands.
-            labels (`torch.LongTensor`, *optional*): class indices in `[0, num_labels)`, of shape `(batch_size,)`
-                for `"mean"` pooling or `(batch_size, num_frames)` for `"per_frame"`; the loss is cross-entropy
-                (averaged over frames too for `"per_frame"`).
+            labels (`torch.LongTensor`, *optional*): class indices in `[0, num_labels)` or -100 (ignored, as
+                the processor labels padded frames), of shape `(batch_size,)` for `"mean"` pooling or
+                `(batch_size, num_frames)` for `"per_frame"`; the loss is cross-entropy (averaged over frames too for
+                `"per_frame"`).
             temporal_positions (`torch.FloatTensor` of shape `(batch_size, num_frames)`, *optional*):
                 As for [`TiMoModel`].
             output_hidden_states (`bool`, *optional*): also return the stem and stage maps of [`TiMoModel`].
@@ -764,9 +767,14 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
         loss = None
         if labels is not None:
             kept = frame_mask if per_frame else None
-            labels = check_labels(labels, logits.shape[:-1], self.num_labels, frame_mask=kept).to(logits.device)
+            labels = check_labels(
+                labels, logits.shape[:-1], self.num_labels, CLASSIFICATION_IGNORE_INDEX, kept
+            ).to(logits.device)
             scored_logits, scored_labels = (logits, labels) if kept is None else (logits[kept], labels[kept])
-            loss = F.cross_entropy(scored_logits.reshape(-1, self.num_labels), scored_labels.reshape(-1))
+            loss = F.cross_entropy(
+                scored_logits.reshape(-1, self.num_labels), scored_labels.reshape(-1),
+                ignore_index=CLASSIFICATION_IGNORE_INDEX,
+            )
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
