@@ -142,9 +142,11 @@ def test_ignore_index_pixels_do_not_count(tiny_config_kwargs):
     assert torch.allclose(outputs.loss, expected, atol=1e-6)
 
 
-def test_fully_ignored_labels_give_a_zero_loss_that_backpropagates(tiny_config_kwargs):
-    model = build(TiMoForSemanticSegmentation, make_config(tiny_config_kwargs)).train()
-    loss = model(torch.randn(1, 2, 3, 32, 32), labels=torch.full((1, 32, 32), 255)).loss
+@pytest.mark.parametrize("model_class", [TiMoForSemanticSegmentation, TiMoForImageClassification])
+def test_fully_ignored_labels_give_a_zero_loss_that_backpropagates(tiny_config_kwargs, model_class):
+    model = build(model_class, make_config(tiny_config_kwargs)).train()
+    labels = torch.full((1, 32, 32), 255) if model_class is TiMoForSemanticSegmentation else torch.tensor([-100])
+    loss = model(torch.randn(1, 2, 3, 32, 32), labels=labels).loss
     assert loss.item() == 0.0
     loss.backward()
 

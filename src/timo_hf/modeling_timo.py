@@ -677,6 +677,14 @@ def check_labels(
     return labels
 
 
+def cross_entropy_or_zero(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Cross-entropy (classes along dim 1) over the labels that are not `ignore_index`; where every label is, a zero
+    that still backpropagates (cross-entropy would be NaN)."""
+    if (labels != ignore_index).any():
+        return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+    return logits.sum() * 0.0
+
+
 def check_num_labels(config: TiMoConfig, head: str) -> int:
     """`config.num_labels`, or a ValueError when the head has no classes to predict."""
     num_labels = config.num_labels
@@ -771,9 +779,8 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
                 labels, logits.shape[:-1], self.num_labels, CLASSIFICATION_IGNORE_INDEX, kept
             ).to(logits.device)
             scored_logits, scored_labels = (logits, labels) if kept is None else (logits[kept], labels[kept])
-            loss = F.cross_entropy(
-                scored_logits.reshape(-1, self.num_labels), scored_labels.reshape(-1),
-                ignore_index=CLASSIFICATION_IGNORE_INDEX,
+            loss = cross_entropy_or_zero(
+                scored_logits.reshape(-1, self.num_labels), scored_labels.reshape(-1), CLASSIFICATION_IGNORE_INDEX
             )
         return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
@@ -957,10 +964,7 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
                 flat_logits, flat_labels = logits[kept], labels[kept]
             else:
                 flat_logits, flat_labels = logits.reshape(-1, *logits.shape[-3:]), labels.reshape(-1, height, width)
-            if (flat_labels != ignore_index).any():
-                loss = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index)
-            else:
-                loss = flat_logits.sum() * 0.0
+            loss = cross_entropy_or_zero(flat_logits, flat_labels, ignore_index)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         return SemanticSegmenterOutput(
