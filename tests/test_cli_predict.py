@@ -294,6 +294,37 @@ def run_expecting_error(args, capsys, *fragments):
     return error
 
 
+def test_gaps_fill_predicts_wherever_a_date_has_the_pixel(model_dir, scene_files, tmp_path):
+    out = tmp_path / "filled.tif"
+    assert main(predict_args(model_dir, scene_files, out, "--gaps", "fill", "--no-quicklook")) == 0
+    with rasterio.open(out) as dataset:
+        classes = dataset.read(1)
+    assert (classes < 3).all()  # the second date's gap is predicted from the other dates
+
+
+def test_gaps_fill_leaves_a_date_missing_from_a_tile_out_of_it(scene_files, tmp_path):
+    """A date without any value (a swath that misses the scene) gives, with gaps='fill', the map of the other dates
+    alone (day-offset positions, so the two runs see the same positions)."""
+    folder = save_model(tmp_path / "days", TiMoForSemanticSegmentation(tiny_segmentation_config()),
+                        temporal_encoding="days")
+    empty = write_frame(tmp_path / f"S2_{DATES[1]}_empty.tif", np.zeros((3, HEIGHT, WIDTH), np.uint16))
+    maps = {}
+    for name, inputs in {"with": [scene_files[0], empty, scene_files[2]], "without": scene_files[::2]}.items():
+        out = tmp_path / f"{name}.tif"
+        assert main(predict_args(folder, inputs, out, "--gaps", "fill", "--probabilities", "--no-quicklook")) == 0
+        with rasterio.open(tmp_path / f"{name}_probabilities.tif") as dataset:
+            maps[name] = dataset.read().astype(int)
+    assert (maps["with"] < 255).all()  # predicted everywhere from the other dates
+    assert np.abs(maps["with"] - maps["without"]).max() <= 1  # uint8 probabilities, same up to rounding
+
+
+def test_gaps_fill_is_refused_for_per_date_models(scene_files, tmp_path, capsys):
+    folder = save_model(tmp_path / "per_date", TiMoForSemanticSegmentation(tiny_segmentation_config(
+        temporal_fusion="none")))
+    run_expecting_error(predict_args(folder, scene_files, tmp_path / "maps.tif", "--gaps", "fill"), capsys,
+                        "gaps='fill'", "temporal_fusion='max'")
+
+
 def test_bad_inputs_give_clear_errors(model_dir, scene_files, tmp_path, capsys):
     out = tmp_path / "map.tif"
     run_expecting_error(predict_args(model_dir, [*scene_files[:2], tmp_path / "S2_2021-12-01.tif"], out), capsys,

@@ -57,8 +57,9 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON")
 
 
-def open_scene(args: argparse.Namespace, num_channels: int):
-    """The model's image processor (as saved, with its training size) and the opened :class:`Scene` of `args`."""
+def open_scene(args: argparse.Namespace, num_channels: int, gaps: str = "nodata"):
+    """The model's image processor (as saved, with its training size) and the opened :class:`Scene` of `args`
+    (`gaps` as :class:`Scene` takes it)."""
     processor = load_processor(args.model, args.processor)
     band_names = processor.band_names
     input_band_names = [name.strip() for name in args.bands.split(",")] if args.bands else None
@@ -73,7 +74,7 @@ def open_scene(args: argparse.Namespace, num_channels: int):
         bands_per_frame=bands_per_frame,
     )
     scene = Scene(frames, band_names=band_names, num_channels=num_channels, input_band_names=input_band_names,
-                  align=args.align, nodata=args.nodata)
+                  align=args.align, nodata=args.nodata, gaps=gaps)
     return processor, scene
 
 

@@ -153,6 +153,11 @@ def predict_scene(
     (uint8 `round(p * 250)` with scale 1/250, nodata 255) and a PNG quicklook; every output is a COG on the scene's
     grid, written under a temporary name and renamed at the end."""
     started = time.perf_counter()
+    if scene.gaps == "fill" and segmenter.per_frame:
+        raise ValueError(
+            "a scene read with gaps='fill' (--gaps fill) needs a model that fuses the dates (temporal_fusion='max'): "
+            "a per-date map would show predictions on the dates that miss the pixel"
+        )
     output = check_output_path(output, overwrite)
     probabilities = check_output_path(probabilities, overwrite) if probabilities else None
     quicklook = check_output_path(quicklook, overwrite) if quicklook else None

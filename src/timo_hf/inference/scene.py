@@ -24,6 +24,9 @@ from ..image_processing_timo import canonical_band
 from .inputs import InputFrame
 
 
+GAPS = ("nodata", "fill")  # Scene(gaps=...)
+
+
 def describe_grid(dataset) -> str:
     crs = dataset.crs.to_string() if dataset.crs else "no CRS"
     t = dataset.transform
@@ -92,6 +95,9 @@ class Scene:
         align: resampling (`nearest`, `bilinear`, `cubic`, `average`) to put frames on the first frame's grid; None
             refuses frames whose CRS, transform or size differ.
         nodata: value marking missing data in every frame, in addition to each file's own nodata / mask.
+        gaps: `"nodata"`: a pixel missing on any date (in any band) is missing on every date, and so in the outputs;
+            `"fill"`: it is missing on its own dates only (the model's processor fills those values), and in the
+            outputs only where every date misses it.
     """
 
     def __init__(
@@ -103,11 +109,15 @@ class Scene:
         input_band_names: list[str] | None = None,
         align: str | None = None,
         nodata: float | None = None,
+        gaps: str = "nodata",
     ):
         if not frames:
             raise ValueError("a scene needs at least one frame")
+        if gaps not in GAPS:
+            raise ValueError(f"gaps must be one of {GAPS}, got {gaps!r}")
         self.frames = frames
         self.nodata = nodata
+        self.gaps = gaps
         self._stack = contextlib.ExitStack()
         try:
             self._open(band_names, num_channels, input_band_names, align)
@@ -180,8 +190,10 @@ class Scene:
 
     # ------------------------------------------------------------------------------------------------ reading
     def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """`(T, C, h, w)` float32 values (NaN where missing) and the `(h, w)` mask of pixels missing in any band
-        of any frame. Parts of `window` outside the scene are missing."""
+        """`(T, C, h, w)` float32 values (NaN where missing) and the `(h, w)` mask of missing pixels. A pixel missing
+        in any band of a frame is missing in all its bands; with `gaps="nodata"` it is then missing in every frame
+        (and in the mask), with `gaps="fill"` in that frame only (and in the mask where every frame misses it).
+        Parts of `window` outside the scene are missing."""
         height, width = int(window.height), int(window.width)
         row, col = int(window.row_off), int(window.col_off)
         inside = Window(col, row, width, height).intersection(Window(0, 0, self.width, self.height))
@@ -191,17 +203,19 @@ class Scene:
         missing = np.ones((height, width), dtype=bool)
         if h and w:
             block = np.empty((self.num_frames, self.num_bands, h, w), dtype=np.float32)
-            invalid = np.zeros((h, w), dtype=bool)
+            invalid = np.zeros((self.num_frames, h, w), dtype=bool)  # per frame
             for t, (reader, indexes, masked) in enumerate(zip(self._readers, self._indexes, self._masked)):
                 block[t] = reader.read(indexes, window=inside, out_dtype=np.float32)
                 if masked:
-                    invalid |= (reader.read_masks(indexes, window=inside) == 0).any(axis=0)
-            invalid |= ~np.isfinite(block).all(axis=(0, 1))
+                    invalid[t] = (reader.read_masks(indexes, window=inside) == 0).any(axis=0)
+            invalid |= ~np.isfinite(block).all(axis=1)
             if self.nodata is not None:
-                invalid |= (block == self.nodata).any(axis=(0, 1))
-            block[:, :, invalid] = np.nan
+                invalid |= (block == self.nodata).any(axis=1)
+            if self.gaps == "nodata":
+                invalid[:] = invalid.any(axis=0)
+            np.putmask(block, np.broadcast_to(invalid[:, None], block.shape), np.nan)
             values[:, :, top : top + h, left : left + w] = block
-            missing[top : top + h, left : left + w] = invalid
+            missing[top : top + h, left : left + w] = invalid.all(axis=0)
         return values, missing
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ import datetime
 import numpy as np
 import torch
 
+from ..frame_masks import mean_over_kept_frames
 from ..image_processing_timo import TiMoImageProcessor
 from ..modeling_timo import TiMoForSemanticSegmentation, TiMoModel, split_frames
 
@@ -50,10 +51,16 @@ class _TileModel:
         self.dtype = PRECISIONS[precision]
 
     def _inputs(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
+        """Model inputs of a batch of tiles: a date without any value in a tile is left out of it (`frame_mask`;
+        where a scene keeps its gaps, `Scene(gaps="fill")`), unless the tile has no value at all (then it is
+        nodata in the outputs anyway)."""
         batch = self.processor(list(tiles), dates=self.dates, return_tensors="pt")  # one list of dates for all tiles
+        present = torch.from_numpy(np.isfinite(tiles).any(axis=(2, 3, 4)))
+        present[~present.any(dim=1)] = True
         return {
             "pixel_values": batch["pixel_values"].to(self.device),
             "temporal_positions": batch["temporal_positions"].to(self.device),
+            "frame_mask": present.to(self.device),
         }
 
     def _autocast(self):
@@ -98,7 +105,7 @@ TEMPORAL_POOLING = ("mean", "max", "none")
 
 class TileEmbedder(_TileModel):
     """Features of one stage, `(B, C, h / stride, w / stride)` pooled over the dates (`"mean"`, `"max"`), or
-    `(B, T * C, ...)` date by date (`"none"`)."""
+    `(B, T * C, ...)` date by date (`"none"`, NaN for a date left out of a tile)."""
 
     model: TiMoModel
 
@@ -114,13 +121,16 @@ class TileEmbedder(_TileModel):
     @torch.no_grad()
     def __call__(self, tiles: np.ndarray) -> np.ndarray:
         height, width = (size // self.stride for size in tiles.shape[-2:])
+        inputs = self._inputs(tiles)
         with self._autocast():
-            maps = self.model.compute_feature_maps(**self._inputs(tiles))[self.stage_index]
+            maps = self.model.compute_feature_maps(**inputs)[self.stage_index]
         features = split_frames(maps.float(), len(tiles))[..., :height, :width]
+        kept = inputs["frame_mask"]
+        left_out = ~kept.view(*kept.shape, 1, 1, 1)
         if self.temporal_pooling == "mean":
-            features = features.mean(dim=1)
+            features = mean_over_kept_frames(features, kept)  # zeros at left-out dates
         elif self.temporal_pooling == "max":
-            features = features.amax(dim=1)
+            features = features.masked_fill(left_out, float("-inf")).amax(dim=1)
         else:
-            features = features.flatten(1, 2)
+            features = features.masked_fill(left_out, float("nan")).flatten(1, 2)
         return features.cpu().numpy()
