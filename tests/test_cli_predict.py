@@ -318,11 +318,22 @@ def test_gaps_fill_leaves_a_date_missing_from_a_tile_out_of_it(scene_files, tmp_
     assert np.abs(maps["with"] - maps["without"]).max() <= 1  # uint8 probabilities, same up to rounding
 
 
-def test_gaps_fill_is_refused_for_per_date_models(scene_files, tmp_path, capsys):
+def test_gaps_fill_is_refused_for_per_date_outputs(model_dir, scene_files, tmp_path, capsys):
     folder = save_model(tmp_path / "per_date", TiMoForSemanticSegmentation(tiny_segmentation_config(
         temporal_fusion="none")))
     run_expecting_error(predict_args(folder, scene_files, tmp_path / "maps.tif", "--gaps", "fill"), capsys,
-                        "gaps='fill'", "temporal_fusion='max'")
+                        "--gaps fill", "temporal_fusion='max'")
+    embed = ["embed", "--model", str(model_dir), "--inputs", *map(str, scene_files), "--out", str(tmp_path / "f.tif"),
+             "--temporal-pooling", "none", "--gaps", "fill", "--quiet"]
+    run_expecting_error(embed, capsys, "--gaps fill", "mean or max pooling")
+
+
+def test_embed_with_gaps_fill_has_features_wherever_a_date_has_the_pixel(model_dir, scene_files, tmp_path):
+    out = tmp_path / "features.tif"
+    assert main(["embed", "--model", str(model_dir), "--inputs", *map(str, scene_files), "--out", str(out),
+                 "--stage", "stage1", "--tile-size", "64", "--overlap", "16", "--gaps", "fill", "--quiet"]) == 0
+    with rasterio.open(out) as dataset:
+        assert np.isfinite(dataset.read()).all()  # the second date's gap has the other dates' features
 
 
 def test_bad_inputs_give_clear_errors(model_dir, scene_files, tmp_path, capsys):

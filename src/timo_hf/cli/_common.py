@@ -9,7 +9,7 @@ import sys
 from ..data.raster import RESAMPLING
 from ..inference.inputs import STACK_LAYOUTS, resolve_inputs
 from ..inference.loading import load_processor
-from ..inference.scene import Scene
+from ..inference.scene import GAPS, Scene
 from ..inference.tile_models import PRECISIONS
 
 
@@ -44,6 +44,12 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
         help="resample dates whose CRS, transform or size differ onto the first date's grid (default: refuse them)",
     )
     scene.add_argument("--nodata", type=float, help="input value meaning missing data (besides the files' own nodata)")
+    scene.add_argument(
+        "--gaps", choices=GAPS, default="nodata",
+        help="pixels missing on some dates (clouds, swath edges): 'nodata' (default) in the output wherever any date "
+        "misses them; 'fill': computed wherever a date has them, the missing values filled as in training and the "
+        "dates that miss a whole tile left out of it (outputs that fuse the dates only)",
+    )
     run = parser.add_argument_group("tiling")
     run.add_argument("--tile-size", type=int, help="tile side in pixels, a multiple of 32 (default: the processor's "
                      "training size, else 256)")
@@ -57,9 +63,8 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--summary-json", metavar="PATH", help="also write the run summary as JSON")
 
 
-def open_scene(args: argparse.Namespace, num_channels: int, gaps: str = "nodata"):
-    """The model's image processor (as saved, with its training size) and the opened :class:`Scene` of `args`
-    (`gaps` as :class:`Scene` takes it)."""
+def open_scene(args: argparse.Namespace, num_channels: int):
+    """The model's image processor (as saved, with its training size) and the opened :class:`Scene` of `args`."""
     processor = load_processor(args.model, args.processor)
     band_names = processor.band_names
     input_band_names = [name.strip() for name in args.bands.split(",")] if args.bands else None
@@ -74,7 +79,7 @@ def open_scene(args: argparse.Namespace, num_channels: int, gaps: str = "nodata"
         bands_per_frame=bands_per_frame,
     )
     scene = Scene(frames, band_names=band_names, num_channels=num_channels, input_band_names=input_band_names,
-                  align=args.align, nodata=args.nodata, gaps=gaps)
+                  align=args.align, nodata=args.nodata, gaps=args.gaps)
     return processor, scene
 
 

@@ -17,7 +17,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         help="per-patch embeddings of a stage over a GeoTIFF time series",
         description="Run the TiMo encoder of any TiMo folder over a whole scene with overlapping, blended tiles and "
         "write one stage's features as a float32 COG: one band per channel, on the stage's grid (4, 8, 16 or 32 "
-        "input pixels per output pixel, georeferenced accordingly), NaN where any input pixel is nodata.",
+        "input pixels per output pixel, georeferenced accordingly), NaN where any input pixel is nodata (or with "
+        "--gaps fill where every date is).",
     )
     add_scene_arguments(parser)
     parser.add_argument("--out", required=True, help="output GeoTIFF (written as a COG)")

@@ -6,7 +6,6 @@ import argparse
 
 from ..inference.loading import inference_processor, load_segmentation_model
 from ..inference.pipeline import default_companion, predict_scene, write_summary_json
-from ..inference.scene import GAPS
 from ..inference.tile_models import TileSegmenter, pick_device
 from ..inference.writer import check_output_path
 from ._common import add_scene_arguments, default_overlap, default_tile_size, open_scene, reports_errors
@@ -22,12 +21,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "date is), optionally per-class probabilities, and a PNG quicklook with a legend.",
     )
     add_scene_arguments(parser)
-    parser.add_argument(
-        "--gaps", choices=GAPS, default="nodata",
-        help="pixels missing on some dates (clouds, swath edges): 'nodata' (default) in the map wherever any date "
-        "misses them; 'fill': predicted wherever a date has them, the missing values filled as in training and "
-        "the dates that miss a whole tile left out of it (models that fuse the dates only)",
-    )
     parser.add_argument("--out", required=True, help="output class map GeoTIFF (written as a COG)")
     parser.add_argument(
         "--probabilities", nargs="?", const="auto", metavar="PATH",
@@ -42,7 +35,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.out, args.overwrite)  # before the (slow) model loading
     model = load_segmentation_model(args.model)
-    processor, scene = open_scene(args, model.config.num_channels, gaps=args.gaps)
+    processor, scene = open_scene(args, model.config.num_channels)
     with scene:
         tile_size = default_tile_size(processor, args.tile_size)
         segmenter = TileSegmenter(model, inference_processor(processor), scene.dates, pick_device(args.device),

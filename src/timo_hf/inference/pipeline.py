@@ -46,6 +46,17 @@ def pool_missing(missing: np.ndarray, scale: int, inside: tuple[int, int]) -> np
     return missing.reshape(height // scale, scale, width // scale, scale).any(axis=(1, 3))
 
 
+def check_gaps(scene: Scene, per_date: bool) -> None:
+    """Per-date outputs need the default gaps: with `gaps="fill"` they would show values on the dates that miss
+    the pixel."""
+    if scene.gaps == "fill" and per_date:
+        raise ValueError(
+            "--gaps fill (a scene read with gaps='fill') needs outputs that fuse the dates (a model with "
+            "temporal_fusion='max', or timo embed's mean or max pooling): per-date outputs would show values on the "
+            "dates that miss the pixel"
+        )
+
+
 def run_tiles(scene: Scene, grid: TileGrid, tile_model, channels: int, batch_size: int, on_region,
               description: str = "tiles", progress: bool = True) -> None:
     """Read, predict and blend every tile of `grid`; call `on_region(window, values, missing)` for each finished
@@ -153,17 +164,13 @@ def predict_scene(
     (uint8 `round(p * 250)` with scale 1/250, nodata 255) and a PNG quicklook; every output is a COG on the scene's
     grid, written under a temporary name and renamed at the end."""
     started = time.perf_counter()
-    if scene.gaps == "fill" and segmenter.per_frame:
-        raise ValueError(
-            "a scene read with gaps='fill' (--gaps fill) needs a model that fuses the dates (temporal_fusion='max'): "
-            "a per-date map would show predictions on the dates that miss the pixel"
-        )
+    maps = segmenter.maps_per_tile(scene.num_frames)
+    check_gaps(scene, per_date=maps > 1)
     output = check_output_path(output, overwrite)
     probabilities = check_output_path(probabilities, overwrite) if probabilities else None
     quicklook = check_output_path(quicklook, overwrite) if quicklook else None
     config = segmenter.model.config
     names = class_names_of(config)
-    maps = segmenter.maps_per_tile(scene.num_frames)
     num_labels = segmenter.num_labels
     dtype, nodata = ("uint8", 255) if num_labels <= 255 else ("uint16", 65535)
     colormap = class_colormap(num_labels)
@@ -252,6 +259,7 @@ def embed_scene(
     temporal pooling), on the stage's grid (the scene's transform scaled by the stage stride), NaN where any input
     pixel of a cell is nodata."""
     started = time.perf_counter()
+    check_gaps(scene, per_date=embedder.temporal_pooling == "none")
     output = check_output_path(output, overwrite)
     stride = embedder.stride
     grid = TileGrid(scene.height, scene.width, tile_size, overlap, scale=stride)
