@@ -150,3 +150,21 @@ def test_masked_image_modelling_refuses_a_mask_that_leaves_frames_out(tiny_confi
         assert torch.equal(whole, model(pixel_values, noise=torch.zeros(3, 16)).loss)
         with pytest.raises(ValueError, match="reconstructs whole series: frame_mask leaves frames out"):
             model(pixel_values, frame_mask=FRAME_MASK)
+
+
+def test_trainer_with_the_processor_as_collator_leaves_padding_out(tmp_path, tiny_config_kwargs):
+    """The transformers path: `Trainer` with `TiMoImageProcessor` as the data collator batches a 2-date and a 4-date
+    series; its evaluation loss is the mean of the two series' losses alone."""
+    from transformers import Trainer, TrainingArguments
+
+    model = build(TiMoForSemanticSegmentation, tiny_config_kwargs)
+    rng = np.random.default_rng(0)
+    examples = [{"pixel_values": rng.integers(100, 3000, (frames, 3, 64, 64)).astype(np.uint16),
+                 "label": rng.integers(0, NUM_LABELS, (64, 64))} for frames in (2, 4)]
+    processor = TiMoImageProcessor(image_mean=1000.0, image_std=500.0)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, per_device_eval_batch_size=2)
+    trainer = Trainer(model=model, args=args, eval_dataset=examples, data_collator=processor)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    with torch.no_grad():
+        alone = [model(**processor([example])).loss.item() for example in examples]
+    assert eval_loss == pytest.approx(sum(alone) / 2, abs=1e-5)
