@@ -181,6 +181,11 @@ def finetuned_card(results: dict, settings: dict, processor: dict, config: dict,
     initialisation = results["initialisation"]["source"]
     if new_parts and not initialisation.startswith("random"):
         initialisation += f"; newly initialised: {', '.join(new_parts)}"
+    bands = results["initialisation"].get("bands")
+    if bands:
+        kept, new, dropped = (", ".join(bands[key]) or "none" for key in ("kept", "new", "dropped"))
+        initialisation += (f"; stem adapted to the data's bands (pre-trained filters kept for {kept}; new: {new}; "
+                           f"dropped: {dropped})")
     fraction = float(data["train_fraction"])
     title = Path(repo_id).name if training["push_to_hub"] else f"TiMo fine-tuned on {dataset_name}"
     return render(

@@ -100,11 +100,18 @@ def test_bad_checkpoint_arguments(tmp_path, golden):
         convert_original_checkpoint(golden["state_dict"], config_of(golden), task="detection")
 
 
-def test_timo_convert_command(tmp_path, golden, capsys):
+@pytest.fixture
+def official_files(tmp_path, golden):
+    """The golden official checkpoint saved as the official scripts do, and its TiMoConfig as a JSON file."""
     checkpoint = tmp_path / "official.pth"
     torch.save({"model": golden["state_dict"]}, checkpoint)
     config_file = tmp_path / "config.json"
     config_of(golden).to_json_file(config_file)
+    return checkpoint, config_file
+
+
+def test_timo_convert_command(tmp_path, golden, official_files, capsys):
+    checkpoint, config_file = official_files
     out = tmp_path / "converted"
     assert timo_main(["convert", str(checkpoint), str(out), "--config", str(config_file)]) == 0
     printed = capsys.readouterr().out
@@ -113,6 +120,20 @@ def test_timo_convert_command(tmp_path, golden, capsys):
     with torch.no_grad():
         stage4 = model.compute_feature_maps(golden["input"])[-1]
     assert (stage4 - golden["outputs"][3]).abs().max() <= 1e-5
+
+
+def test_timo_convert_saves_the_image_processor_of_a_normalization_preset(tmp_path, official_files, capsys):
+    from timo_hf import TiMoImageProcessor
+
+    checkpoint, config_file = official_files
+    out = tmp_path / "converted"
+    assert timo_main(["convert", str(checkpoint), str(out), "--config", str(config_file),
+                      "--normalization", "rgb_uint8"]) == 0
+    processor = TiMoImageProcessor.from_pretrained(out)
+    assert processor.band_names == ["B4", "B3", "B2"] and processor.image_std == [255.0] * 3
+    assert timo_main(["convert", str(checkpoint), str(tmp_path / "wrong"), "--config", str(config_file),
+                      "--normalization", "s2_l2a_10"]) == 2
+    assert "names 10 bands" in capsys.readouterr().err and not (tmp_path / "wrong").exists()
 
 
 def test_timo_convert_reports_errors(tmp_path, capsys):

@@ -221,12 +221,20 @@ def test_initialisation_from_timo_folders_reports_new_heads_and_offset_branches(
                                reference.timo.encoder.stages[2].layers[0].mlp.fc1.weight, rtol=0, atol=0)
 
 
-def test_initialisation_from_an_official_pretraining_checkpoint(tmp_path):
+@pytest.fixture
+def official_mae(tmp_path):
+    """(golden outputs, path of the golden official pre-training checkpoint as the official scripts save it, the
+    TiMoConfig fields of its architecture with 4 labels)."""
     golden = load_golden("timo_official_mae_small.pt")
     checkpoint = tmp_path / "official_mae.pth"
     torch.save({"model": golden["state_dict"]}, checkpoint)
     config = {"hidden_sizes": [32, 64, 128, 256], "num_heads": [2, 4, 8, 16], "depths": [1, 1, 1, 1],
               "num_labels": 4}
+    return golden, checkpoint, config
+
+
+def test_initialisation_from_an_official_pretraining_checkpoint(official_mae):
+    golden, checkpoint, config = official_mae
     model, report = finetune.build_model(
         model_settings(original_checkpoint=str(checkpoint), config=config), None)
     assert report["checkpoint_kind"] == "pretraining"
@@ -238,6 +246,76 @@ def test_initialisation_from_an_official_pretraining_checkpoint(tmp_path):
     assert report["loaded"] == sum(1 for k in golden["state_dict"] if not k.startswith(unused)) == 86
     torch.testing.assert_close(model.timo.embeddings.stem.conv1.weight,
                                golden["state_dict"]["patch_embed1.conv.0.weight"])
+
+
+def save_rgb_start(folder: Path, band_names=("B4", "B3", "B2")) -> TiMoModel:
+    """A tiny 3-band TiMoModel saved with an image processor that names its bands."""
+    from timo_hf.image_processing_timo import TiMoImageProcessor
+
+    start = TiMoModel(TiMoConfig(**TINY))
+    start.save_pretrained(folder)
+    TiMoImageProcessor(band_names=list(band_names), image_mean=[0.0] * 3, image_std=[255.0] * 3).save_pretrained(folder)
+    return start
+
+
+def test_stem_adapted_to_the_data_bands_by_name(tmp_path, caplog):
+    """The start's processor names B4, B3, B2; the data has B2, B3, B4, B8: the three shared bands keep their
+    filters in the data's order, B8 starts at zero, nothing is reported re-initialised. `adapt_bands: false` gives
+    the official behaviour back (the whole stem re-initialised)."""
+    start = save_rgb_start(tmp_path / "rgb")
+    weight = start.embeddings.stem.conv1.weight
+    data_bands = ["B2", "B3", "B4", "B8"]
+    with caplog.at_level("INFO", logger="timo_hf.finetune"):
+        model, report = finetune.build_model(model_settings(pretrained=str(tmp_path / "rgb")), None, data_bands)
+        finetune.log_initialisation(report)
+    assert report["bands"] == {"kept": ["B2", "B3", "B4"], "new": ["B8"], "dropped": []}
+    assert report["mismatched_reinitialised"] == [] and report["newly_initialised"]["other"]["tensors"] == 0
+    adapted = model.timo.embeddings.stem.conv1.weight
+    assert torch.equal(adapted[:, :3], weight.flip(1)) and not adapted[:, 3].any()
+    assert model.config.num_channels == 4
+    assert "Stem adapted to the data's bands: pre-trained ['B2', 'B3', 'B4'], new ['B8']" in caplog.text
+
+    official, report = finetune.build_model(model_settings(pretrained=str(tmp_path / "rgb"), adapt_bands=False,
+                                                           config={"num_labels": 3, "num_channels": 4}),
+                                            None, data_bands)
+    assert "bands" not in report
+    reinitialised = [entry.split(":")[0] for entry in report["mismatched_reinitialised"]]
+    assert reinitialised == ["timo.embeddings.stem.conv1.weight"]
+
+    same, report = finetune.build_model(model_settings(pretrained=str(tmp_path / "rgb")), None, ["b04", "B03", "B02"])
+    assert "bands" not in report and torch.equal(same.timo.embeddings.stem.conv1.weight, weight)
+
+    with pytest.raises(ValueError, match=r"pretrained_bands lists 2 bands .* another number"):
+        finetune.build_model(model_settings(pretrained=str(tmp_path / "rgb"), pretrained_bands=["B4", "B3"]),
+                             None, data_bands)
+    with pytest.raises(ValueError, match="num_channels is 3 but the data has 4 bands"):
+        finetune.build_model(model_settings(pretrained=str(tmp_path / "rgb"), config={"num_channels": 3}),
+                             None, data_bands)
+
+
+def test_stem_of_an_official_checkpoint_adapted_with_named_bands(official_mae):
+    golden, checkpoint, config = official_mae
+    model, report = finetune.build_model(model_settings(original_checkpoint=str(checkpoint), config=config,
+                                                        pretrained_bands=["B4", "B3", "B2"]),
+                                         None, ["B8", "B4", "B3", "B2"])
+    assert report["bands"] == {"kept": ["B4", "B3", "B2"], "new": ["B8"], "dropped": []}
+    adapted = model.timo.embeddings.stem.conv1.weight
+    assert torch.equal(adapted[:, 1:], golden["state_dict"]["patch_embed1.conv.0.weight"]) and not adapted[:, 0].any()
+
+
+def test_fine_tuning_run_adapts_the_stem_to_the_data_bands(tmp_path):
+    """End to end: the time-tells data has B4, B3, B2; a start whose processor says B2, B3, B4 is reordered, and with
+    a learning rate of 0 the saved model's stem is exactly the start's, bands reversed."""
+    start = save_rgb_start(tmp_path / "start", band_names=("B2", "B3", "B4"))
+    results = run("--config", TIME_TELLS, "--data.options.num_samples", "{train: 8, validation: 4, test: 4}",
+                  "--model.pretrained", str(tmp_path / "start"),
+                  "--max_steps", "1", "--lr", "0", "--num_quicklooks", "0", "--output_dir", str(tmp_path / "out"))
+    assert results["initialisation"]["bands"] == {"kept": ["B4", "B3", "B2"], "new": [], "dropped": []}
+    card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert ("stem adapted to the data's bands (pre-trained filters kept for B4, B3, B2; new: none; dropped: none)"
+            in card)
+    saved = load_file(tmp_path / "out" / "model" / "model.safetensors")["timo.embeddings.stem.conv1.weight"]
+    assert torch.equal(saved, start.embeddings.stem.conv1.weight.detach().flip(1))
 
 
 # ------------------------------------------------------------------------------------------------ paper configs
@@ -274,6 +352,8 @@ def test_paper_configs_hold_the_official_hyper_parameters():
     for name, channels in bands.items():
         settings = finetune.parse_args(["--config", str(ROOT / "training" / "configs" / f"{name}.yaml")])
         assert settings["model"]["config"]["num_channels"] == channels
+        # Official: a new stem where the band count differs (its RGB bands are not carried over).
+        assert settings["model"]["adapt_bands"] is (channels == 3 or name == "kurosiwo")
 
 
 @pytest.mark.parametrize("name", sorted(PAPER_CONFIGS))
@@ -308,6 +388,8 @@ def test_bad_settings_are_refused_with_a_clear_message():
         finetune.parse_args(["--config", TIME_TELLS, "--model.task", "detection"])
     with pytest.raises(ValueError, match="data.padded_frames must be one of"):
         finetune.parse_args(["--config", TIME_TELLS, "--data.padded_frames", "drop"])
+    with pytest.raises(ValueError, match="model.new_band_weights must be one of"):
+        finetune.parse_args(["--config", TIME_TELLS, "--model.new_band_weights", "mean"])
 
 
 @pytest.mark.parametrize("padded_frames", ["leave_out", "keep"])

@@ -15,6 +15,14 @@ architecture comes from `model.preset` / `model.config`), or neither (random ini
 checkpoint (the task head, D-STGA offset branches absent from a pre-training checkpoint, a stem of another band
 count) is listed as newly initialised in the log and in `results.json`.
 
+Bands: where the bands of the start (`model.pretrained_bands`, by default the `band_names` of the image processor
+saved with `model.pretrained`; official checkpoints name none, so give them, e.g. `[B4, B3, B2]` for the official
+pre-training) and of the data (`data.processor.band_names`, else the examples' own) are both known, differ and
+share a band, the stem is adapted band by band (`timo_hf.band_adaptation`): shared bands keep their pre-trained
+filters, in the data's order, new bands start at zero (`model.new_band_weights: random` for the model's
+initialisation) and the others are dropped; `results.json` lists them under `initialisation.bands`. The official
+code instead re-initialises the whole stem when the band count differs (`model.adapt_bands: false`).
+
 Data: `data.source` `timo` (a raw download read by the `timo_hf.data` builders: `data.name`, `data.path`,
 `data.options`), `export` (a Parquet folder or Hub dataset of `timo_hf.data.export_to_parquet`: `data.path`) or
 `time_tells` (the generated benchmark of `timo_hf.synthetic_time_tells`, options as its `make_time_tells`).
@@ -90,7 +98,8 @@ from timo_hf.convert_original import (  # noqa: E402
     rename_decoder_key,
     rename_pretraining_key,
 )
-from timo_hf.image_processing_timo import TiMoImageProcessor  # noqa: E402
+from timo_hf.band_adaptation import NEW_BAND_WEIGHTS, adapt_input_bands  # noqa: E402
+from timo_hf.image_processing_timo import TiMoImageProcessor, canonical_band  # noqa: E402
 from timo_hf.metrics import ConfusionMatrix  # noqa: E402
 from timo_hf.modeling_timo import (  # noqa: E402
     CLASSIFICATION_IGNORE_INDEX,
@@ -112,6 +121,9 @@ DEFAULTS = {
         "original_checkpoint": None,  # official .pth (pre-training / backbone / segmentation / classification)
         "preset": None,  # "base" | "large" | "huge" architecture (random init or official checkpoint)
         "config": {},  # TiMoConfig fields (num_channels, temporal_fusion, classifier_pooling, drop_path_rate, ...)
+        "adapt_bands": True,  # stem weights matched to the data's bands by name (false: official, see the docstring)
+        "pretrained_bands": None,  # the start's bands in stem order; default: its image processor's band_names
+        "new_band_weights": "zeros",  # stem weights of bands the start has not seen: "zeros" | "random"
     },
     "data": {
         "source": "timo",  # "timo" (raw download) | "export" (Parquet folder / Hub dataset) | "time_tells"
@@ -181,6 +193,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     if settings["data"]["padded_frames"] not in PADDED_FRAMES:
         raise ValueError(f"data.padded_frames must be one of {PADDED_FRAMES}, got "
                          f"{settings['data']['padded_frames']!r}.")
+    if settings["model"]["new_band_weights"] not in NEW_BAND_WEIGHTS:
+        raise ValueError(f"model.new_band_weights must be one of {NEW_BAND_WEIGHTS}, got "
+                         f"{settings['model']['new_band_weights']!r}.")
     return settings
 
 
@@ -347,8 +362,57 @@ def load_original_weights(model, checkpoint) -> dict:
             "mismatched_reinitialised": mismatched, "newly_initialised": describe_new_weights(new)}
 
 
-def build_model(model_settings: dict, class_names: list[str] | None):
-    """The task model and a report of where its weights come from (and which are newly initialised)."""
+def start_bands(model_settings: dict) -> list[str] | None:
+    """The bands of the start in its stem's order: `model.pretrained_bands`, else the `band_names` of the image
+    processor saved with `model.pretrained` (None where neither names them)."""
+    if model_settings["pretrained_bands"]:
+        return list(model_settings["pretrained_bands"])
+    if not model_settings["pretrained"]:
+        return None
+    try:
+        return TiMoImageProcessor.from_pretrained(model_settings["pretrained"]).band_names
+    except OSError:  # the start has no image processor
+        return None
+
+
+def data_bands(processor: TiMoImageProcessor, dataset) -> list[str] | None:
+    """The bands the model will see, in order: the processor's selection, else the examples' own."""
+    if processor.band_names:
+        return list(processor.band_names)
+    if "band_names" in dataset.column_names and len(dataset):
+        return dataset.select_columns(["band_names"])[0]["band_names"]
+    return None
+
+
+def bands_to_adapt(model_settings: dict, band_names: list[str] | None) -> list[str] | None:
+    """The start's bands where its stem is to be adapted to the data's `band_names`: both known, in another order
+    or set, and sharing at least one band (None otherwise)."""
+    if not (model_settings["adapt_bands"] and band_names):
+        return None
+    pretrained_bands = start_bands(model_settings)
+    if not pretrained_bands:
+        return None
+    start, data = [canonical_band(band) for band in pretrained_bands], [canonical_band(band) for band in band_names]
+    if not set(start) & set(data):
+        logger.info("The data's bands %s share none with the start's %s: the stem is not adapted.",
+                    band_names, pretrained_bands)
+        return None
+    return pretrained_bands if start != data else None
+
+
+def build_model(model_settings: dict, class_names: list[str] | None, band_names: list[str] | None = None):
+    """The task model and a report of where its weights come from (and which are newly initialised); with
+    `band_names` (the data's bands) the stem is adapted to them (`bands_to_adapt`)."""
+    pretrained_bands = bands_to_adapt(model_settings, band_names)
+    adapt = pretrained_bands is not None
+    if adapt:
+        requested = model_settings["config"].get("num_channels")
+        if requested is not None and requested != len(band_names):
+            raise ValueError(f"model.config.num_channels is {requested} but the data has {len(band_names)} bands "
+                             f"({band_names}); drop num_channels.")
+        # Load the start as it is, then adapt its stem to the data's bands.
+        model_settings = {**model_settings, "config": {**model_settings["config"],
+                                                       "num_channels": len(pretrained_bands)}}
     model_class = MODEL_CLASSES[model_settings["task"]]
     config = build_config(model_settings, class_names)
     if model_settings["pretrained"]:
@@ -369,6 +433,13 @@ def build_model(model_settings: dict, class_names: list[str] | None):
         model = model_class(config)
         report = {"source": "random initialisation", "dropped": [], "mismatched_reinitialised": [],
                   "newly_initialised": describe_new_weights(model.state_dict(), list_modules=False)}
+    if adapt:
+        stem = [entry for entry in report["mismatched_reinitialised"] if "embeddings.stem.conv1.weight" in entry]
+        if stem:
+            raise ValueError(f"model.pretrained_bands lists {len(pretrained_bands)} bands ({pretrained_bands}) but "
+                             f"the start's stem takes another number: {stem[0]}.")
+        report["bands"] = adapt_input_bands(model, pretrained_bands, band_names,
+                                            model_settings["new_band_weights"]).to_dict()
     return model, report
 
 
@@ -381,6 +452,10 @@ def log_initialisation(report: dict) -> None:
                         f" ({', '.join(modules[:4])}{', ...' if len(modules) > 4 else ''})" if modules else "")
     for entry in report["mismatched_reinitialised"]:
         logger.info("Re-initialised (shape differs): %s", entry)
+    if "bands" in report:
+        bands = report["bands"]
+        logger.info("Stem adapted to the data's bands: pre-trained %s, new %s, dropped %s",
+                    bands["kept"], bands["new"], bands["dropped"])
     if report["dropped"]:
         logger.info("Checkpoint tensors not used: %d (e.g. %s)", len(report["dropped"]), report["dropped"][:3])
 
@@ -605,7 +680,7 @@ def main(argv: list[str] | None = None) -> dict:
     subset = train_subset_indices(len(train_full), data["train_fraction"], int(data["subset_seed"]))
     eval_processor, train_processor = build_processors(data, train_full.select(subset))
 
-    model, init_report = build_model(model_settings, dataset_classes)
+    model, init_report = build_model(model_settings, dataset_classes, data_bands(eval_processor, train_full))
     config = model.config
     if training["activation_checkpointing"]:
         model.activation_checkpointing_enable()

@@ -5,6 +5,7 @@ Importing the package registers the TiMo classes with transformers' Auto classes
 """
 
 from .auto_registration import register_auto_classes
+from .band_adaptation import BandAdaptation, adapt_input_bands
 from .configuration_timo import TiMoConfig
 from .convert_original import ConversionReport, convert_original_checkpoint
 from .image_processing_timo import TiMoImageProcessor
@@ -34,6 +35,8 @@ __all__ = [
     "TiMoForMaskedImageModeling",
     "TiMoMaskedImageModelingOutput",
     "TiMoImageProcessor",
+    "BandAdaptation",
+    "adapt_input_bands",
     "ConversionReport",
     "convert_original_checkpoint",
 ]
