@@ -145,9 +145,12 @@ class FakeHubApi:
 
 
 def test_resume_is_exact_train_fraction_subset_and_push_to_hub(tmp_path):
+    """With drop path and dropout (torch's global RNG restored by the resume must not be drawn from again when the
+    data loader starts); then a run over the same folder with --overwrite_output_dir starts clean."""
     common = ["--config", TIME_TELLS, "--data.options.num_samples", "{train: 32, validation: 4, test: 4}",
               "--data.train_fraction", "0.5", "--per_device_batch_size", "4", "--num_epochs", "2",
-              "--logging_steps", "1", "--num_quicklooks", "0"]
+              "--logging_steps", "1", "--num_quicklooks", "0", "--model.config.drop_path_rate", "0.2",
+              "--model.config.classifier_dropout", "0.2"]
     FakeHubApi.root = tmp_path / "hub"
     with mock.patch("huggingface_hub.HfApi", FakeHubApi):
         straight = run(*common, "--output_dir", str(tmp_path / "straight"), "--push_to_hub", "someone/timo-tt")
@@ -168,6 +171,10 @@ def test_resume_is_exact_train_fraction_subset_and_push_to_hub(tmp_path):
     assert resumed["test"] == straight["test"] and resumed["validation_history"] == straight["validation_history"]
     assert len(list((tmp_path / "straight" / "checkpoints").iterdir())) == 2  # save_total_limit
 
+    run(*common, "--output_dir", str(tmp_path / "resumed"), "--overwrite_output_dir", "true", "--num_epochs", "1")
+    assert [p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()] == ["step_00000004"]
+    assert [r["step"] for r in records(tmp_path / "resumed") if "loss" in r] == [1, 2, 3, 4]
+
     # the fixed training subset: half of the 32 examples, nested in larger fractions, recorded in the results
     subset = finetune.train_subset_indices(32, 0.5, 0)
     assert straight["run"]["train_examples"] == 16 and straight["run"]["train_subset_indices"] == subset.tolist()
@@ -182,6 +189,23 @@ def test_resume_is_exact_train_fraction_subset_and_push_to_hub(tmp_path):
     reloaded = TiMoForSemanticSegmentation.from_pretrained(pushed)
     final = load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
     assert all(torch.equal(reloaded.state_dict()[k], v) for k, v in final.items())
+
+
+def test_epochs_hold_whole_optimizer_steps():
+    """32 examples in micro-batches of 4 with 3 accumulated per step: 2 steps (6 micro-batches) per epoch, then the
+    next epoch's permutation starts, so every epoch ends with a step and a validation on a fresh pass."""
+    from pretrain_data import EpochBatchPlan
+
+    plan = EpochBatchPlan(32, 4, 1, 0, seed=0, micro_batches_per_step=3)
+    assert plan.per_epoch == 6
+    batches = [[index for index, _ in batch] for batch, _ in zip(plan, range(12))]
+    for epoch in (0, 1):
+        seen = [index for batch in batches[6 * epoch: 6 * epoch + 6] for index in batch]
+        assert len(set(seen)) == 24  # 24 distinct examples, the 8 left over are the dropped tail
+        permutation = np.random.default_rng(finetune.derive_seed(0, epoch)).permutation(32)
+        assert seen == permutation[:24].tolist()
+    with pytest.raises(ValueError, match="fewer than one optimizer step takes"):
+        EpochBatchPlan(8, 4, 1, 0, seed=0, micro_batches_per_step=3)
 
 
 # ------------------------------------------------------------------------------------------------ initialisation
@@ -388,6 +412,15 @@ def test_bad_settings_are_refused_with_a_clear_message():
         finetune.parse_args(["--config", TIME_TELLS, "--model.task", "detection"])
     with pytest.raises(ValueError, match="data.padded_frames must be one of"):
         finetune.parse_args(["--config", TIME_TELLS, "--data.padded_frames", "drop"])
+    with pytest.raises(ValueError, match=r"Unknown field\(s\) \['drop_path_rat'\] in model.config"):
+        finetune.parse_args(["--config", TIME_TELLS, "--model.config.drop_path_rat", "0.2"])
+    with pytest.raises(ValueError, match=r"Unknown field\(s\) \['temporal_samplng'\] in data.train_processor"):
+        finetune.parse_args(["--config", TIME_TELLS, "--data.train_processor.temporal_samplng", "random"])
+    with pytest.raises(ValueError, match="training.metric_for_best must be one of"):
+        finetune.parse_args(["--config", TIME_TELLS, "--training.metric_for_best", "miou"])
+    classification = finetune.parse_args(["--config", TIME_TELLS, "--model.task", "classification",
+                                          "--training.metric_for_best", "null"])
+    assert classification["training"]["metric_for_best"] == "accuracy"
     with pytest.raises(ValueError, match="model.new_band_weights must be one of"):
         finetune.parse_args(["--config", TIME_TELLS, "--model.new_band_weights", "mean"])
 

@@ -106,9 +106,12 @@ def test_a_script_checkpoint_fine_tunes_through_semantic_segmentation(trained_ru
 # ---------------------------------------------------------------------------------------------- resume
 def test_interrupted_run_resumes_exactly(tmp_path, corpus):
     """Batch 2 x accumulation 2 on 16 series = 4 steps per epoch; interrupted after step 3 (mid-epoch), resumed to
-    step 6 (next epoch): losses and final weights equal those of an uninterrupted run, bit for bit."""
+    step 6 (next epoch): losses and final weights equal those of an uninterrupted run, bit for bit, with drop path
+    (the restored global RNG is not drawn from when the data loader starts). Then a run over the same folder with
+    --overwrite_output_dir starts clean: its own checkpoints and log records only."""
     settings = ("--max_steps", "6", "--per_device_batch_size", "2", "--gradient_accumulation_steps", "2",
-                "--save_steps", "2", "--save_total_limit", "2", "--max_grad_norm", "1.0")
+                "--save_steps", "2", "--save_total_limit", "2", "--max_grad_norm", "1.0",
+                "--model.config.drop_path_rate", "0.3")
     whole = run_script(tmp_path / "whole", corpus, *settings)
     first = run_script(tmp_path / "parts", corpus, *settings, "--stop_at_step", "3")
     assert not first["finished"] and not (tmp_path / "parts" / "model").exists()
@@ -120,6 +123,10 @@ def test_interrupted_run_resumes_exactly(tmp_path, corpus):
     assert second["rank_parameter_digests"] == whole["rank_parameter_digests"]
     names = sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir())
     assert names == ["step_00000004", "step_00000006"]  # rotation kept the newest two
+
+    run_script(tmp_path / "parts", corpus, *settings, "--overwrite_output_dir", "true", "--max_steps", "2")
+    assert sorted(p.name for p in (tmp_path / "parts" / "checkpoints").iterdir()) == ["step_00000002"]
+    assert list(losses(tmp_path / "parts")) == [1, 2]
 
 
 def test_resume_errors_are_clear_and_lose_nothing(tmp_path, corpus):

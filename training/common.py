@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import hashlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -27,6 +29,7 @@ import torch
 import yaml
 from accelerate.tracking import GeneralTracker
 
+from timo_hf import TiMoConfig, TiMoImageProcessor
 from timo_hf.plotting import pyplot
 
 
@@ -66,6 +69,28 @@ def parse_cli_overrides(tokens: list[str]) -> dict[str, object]:
         overrides[key.replace("-", "_")] = parse_value(value)
         index += 1
     return overrides
+
+
+def config_fields() -> set[str]:
+    """What a `model.config` section may set: the TiMoConfig fields, and the properties `num_labels`,
+    `out_features` and `out_indices`."""
+    fields = {field.name for field in dataclasses.fields(TiMoConfig) if not field.name.startswith("_")}
+    return fields | {"num_labels", "out_features", "out_indices"}
+
+
+def processor_fields() -> set[str]:
+    """What a `data.processor` section may set: the arguments of TiMoImageProcessor."""
+    parameters = inspect.signature(TiMoImageProcessor.__init__).parameters
+    return {name for name, parameter in parameters.items()
+            if name != "self" and parameter.kind is not inspect.Parameter.VAR_KEYWORD}
+
+
+def check_fields(values: dict, known: set[str], setting: str) -> None:
+    """Refuse entries of a free-form setting that the class it feeds does not know: the class would keep them as
+    stray attributes, and a misspelt option would silently do nothing."""
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"Unknown field(s) {unknown} in {setting}; known: {sorted(known)}")
 
 
 def merge_config(defaults: dict, file_config: dict | None, overrides: dict[str, object]) -> dict:
@@ -282,9 +307,11 @@ class JsonlTracker(GeneralTracker):
             handle.write(json.dumps({"step": step, **values}) + "\n")
 
     def truncate_after(self, step: int) -> None:
-        """Drop records after `step` (a run resumed from that step rewrites them)."""
+        """Drop records after `step` (a run resumed from that step rewrites them), all of them for step 0 (a run
+        that starts over)."""
         if self.path.is_file():
-            kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            kept = [line for line in self.path.read_text().splitlines()
+                    if step and line and json.loads(line)["step"] <= step]
             self.path.write_text("".join(line + "\n" for line in kept))
 
 
@@ -496,21 +523,34 @@ def load_across_layouts(accelerator, path: Path, saved: str, model, optimizer) -
         accelerator.scaler.load_state_dict(torch.load(scaler, weights_only=True))
 
 
+def loader_generator(seed: int) -> torch.Generator:
+    """A DataLoader's own generator. Starting an iterator draws the workers' base seed from the loader's generator,
+    by default torch's global RNG, which a resumed run has just restored: that draw would shift its dropout and drop
+    path masks against an uninterrupted run's."""
+    return torch.Generator().manual_seed(seed)
+
+
 def open_checkpoints(accelerator, output_dir: str | os.PathLike, training: dict) -> CheckpointManager:
     """The `CheckpointManager` of `<output_dir>/checkpoints` (`training.save_total_limit`); refuses to start a new run
-    over existing checkpoints unless `training.resume` or `training.overwrite_output_dir` is set."""
+    over existing checkpoints unless `training.resume` or `training.overwrite_output_dir` is set. Overwriting deletes
+    the old run's checkpoints: kept, they would outrank the new run's in the rotation and in `--resume latest`."""
     checkpoints = CheckpointManager(accelerator, Path(output_dir) / "checkpoints", training["save_total_limit"])
-    if checkpoints.checkpoints() and not training["resume"] and not training["overwrite_output_dir"]:
-        raise FileExistsError(
-            f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
-            "--overwrite_output_dir true / another --output_dir to start over."
-        )
+    if checkpoints.checkpoints() and not training["resume"]:
+        if not training["overwrite_output_dir"]:
+            raise FileExistsError(
+                f"{output_dir} already holds checkpoints; pass --resume latest to continue, or "
+                "--overwrite_output_dir true / another --output_dir to start over."
+            )
+        if accelerator.is_main_process:
+            shutil.rmtree(checkpoints.directory)
+        accelerator.wait_for_everyone()
     return checkpoints
 
 
 def truncate_logs_after(accelerator, step: int) -> None:
-    """A run resumed from `step` logs the later steps again: drop them from the JSONL log first (main process)."""
-    if step and accelerator.is_main_process:
+    """A run resumed from `step` logs the later steps again, and one starting at step 0 logs every step anew: drop
+    those records from the JSONL log first (main process)."""
+    if accelerator.is_main_process:
         for tracker in accelerator.trackers:
             if isinstance(tracker, JsonlTracker):
                 tracker.truncate_after(step)

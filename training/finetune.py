@@ -33,10 +33,12 @@ subset: the first `round(fraction * N)` examples of the permutation `numpy.rando
 of the N training examples, so every smaller subset is contained in every larger one and runs with the same seed
 see the same examples whatever the number of processes.
 
-Each epoch: training (data order a function of (seed, epoch), ranks never share samples), then validation; the
-model with the best `training.metric_for_best` is kept in `best_model/`. `checkpoints/step_<N>`
+Each epoch: training (data order a function of (seed, epoch), ranks never share samples; a whole number of
+optimizer steps, the micro-batches short of one more step left out like the incomplete last batch), then validation;
+the model with the best `training.metric_for_best` is kept in `best_model/`. `checkpoints/step_<N>`
 (`accelerator.save_state`) are written after every validation (and at `training.stop_at_step`); `--resume latest`
-continues exactly (data order, frame draws, dropout). At the end the best model is evaluated on the test split.
+continues exactly (data order, frame draws, dropout); `--overwrite_output_dir true` deletes the old run's checkpoints
+and log records first. At the end the best model is evaluated on the test split.
 Metrics come from confusion matrices summed over processes (`timo_hf.metrics`); every sample is evaluated on one
 process only.
 
@@ -70,18 +72,22 @@ sys.path.insert(0, str(TRAINING_DIR.parent / "model_cards"))
 from card_generator import write_finetuned_card  # noqa: E402
 from common import (  # noqa: E402
     CheckpointError,
+    check_fields,
+    config_fields,
     derive_seed,
     end_training,
     flatten_settings,
     full_state_dict,
     load_full_state_dict,
     load_yaml,
+    loader_generator,
     make_trackers,
     merge_config,
     open_checkpoints,
     optimizer_step,
     parse_cli_overrides,
     plot_loss_curve,
+    processor_fields,
     push_folder_to_hub,
     scaled_learning_rate,
     set_learning_rate,
@@ -113,6 +119,10 @@ logger = logging.getLogger("timo_hf.finetune")
 
 MODEL_CLASSES = {"segmentation": TiMoForSemanticSegmentation, "classification": TiMoForImageClassification}
 PADDED_FRAMES = ("leave_out", "keep")  # data.padded_frames
+# The scores of every evaluation per task, any of which can be training.metric_for_best (default below).
+HEADLINE_SCORES = {"segmentation": ["overall_accuracy", "mean_iou", "mean_accuracy", "mean_f1", "kappa"],
+                   "classification": ["accuracy", "mean_f1", "kappa", "mean_accuracy"]}
+DEFAULT_METRIC_FOR_BEST = {"segmentation": "mean_iou", "classification": "accuracy"}
 
 DEFAULTS = {
     "model": {
@@ -166,7 +176,7 @@ DEFAULTS = {
         "activation_checkpointing": False,  # recompute blocks in backward: less memory, more time
         "sync_batchnorm": True,  # SyncBatchNorm across GPUs (as the official DDP runs); not available on CPU
         "find_unused_parameters": False,
-        "metric_for_best": "mean_iou",  # any validation score: mean_iou, overall_accuracy, mean_f1, kappa, ...
+        "metric_for_best": None,  # any of HEADLINE_SCORES; default mean_iou (segmentation), accuracy (classification)
         "greater_is_better": True,
         "logging_steps": 10,
         "save_total_limit": 2,
@@ -193,6 +203,15 @@ def parse_args(argv: list[str] | None = None) -> dict:
     if settings["data"]["padded_frames"] not in PADDED_FRAMES:
         raise ValueError(f"data.padded_frames must be one of {PADDED_FRAMES}, got "
                          f"{settings['data']['padded_frames']!r}.")
+    check_fields(settings["model"]["config"], config_fields(), "model.config")
+    for name in ("processor", "train_processor"):
+        check_fields(settings["data"][name], processor_fields(), f"data.{name}")
+    metrics = HEADLINE_SCORES[settings["model"]["task"]]
+    settings["training"]["metric_for_best"] = (settings["training"]["metric_for_best"]
+                                               or DEFAULT_METRIC_FOR_BEST[settings["model"]["task"]])
+    if settings["training"]["metric_for_best"] not in metrics:
+        raise ValueError(f"training.metric_for_best must be one of {metrics} for {settings['model']['task']}, got "
+                         f"{settings['training']['metric_for_best']!r}.")
     if settings["model"]["new_band_weights"] not in NEW_BAND_WEIGHTS:
         raise ValueError(f"model.new_band_weights must be one of {NEW_BAND_WEIGHTS}, got "
                          f"{settings['model']['new_band_weights']!r}.")
@@ -504,6 +523,7 @@ def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size:
     padded = share + share[:1] * (math.ceil(len(dataset) / world) - len(share))
     loader = torch.utils.data.DataLoader(
         IndexedExamples(dataset, padded), batch_size=batch_size, collate_fn=ProcessBatch(processor, padded_frames),
+        generator=loader_generator(0),
     )
     matrix = ConfusionMatrix(model.config.num_labels, ignore_index_of(model))
     quicklooks = []
@@ -526,10 +546,7 @@ def evaluate_split(model, dataset, processor: TiMoImageProcessor, *, batch_size:
 def summarise(matrix: ConfusionMatrix, class_names: list[str], task: str) -> dict:
     """JSON-ready scores of a confusion matrix: the headline numbers, per-class values and the matrix itself."""
     scores = matrix.compute()
-    names = ["overall_accuracy", "mean_iou", "mean_accuracy", "mean_f1", "kappa"]
-    if task == "classification":
-        names = ["accuracy", "mean_f1", "kappa", "mean_accuracy"]
-    summary = {name: _finite(scores[name]) for name in names}
+    summary = {name: _finite(scores[name]) for name in HEADLINE_SCORES[task]}
     per_class = ["per_category_iou", "per_category_accuracy", "per_category_f1"]
     if task == "classification":
         per_class = ["per_category_f1", "per_category_accuracy"]
@@ -702,11 +719,8 @@ def main(argv: list[str] | None = None) -> dict:
                                   betas=tuple(training["betas"]))
     model, optimizer = accelerator.prepare(model, optimizer)
 
-    plan_probe = EpochBatchPlan(len(subset), batch_size, world_size, rank, seed)
-    steps_per_epoch = plan_probe.per_epoch // accumulation
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(subset)} training examples give less than one optimizer step per epoch "
-                         f"({batch_size} x {world_size} processes x {accumulation} accumulation).")
+    plan = EpochBatchPlan(len(subset), batch_size, world_size, rank, seed, micro_batches_per_step=accumulation)
+    steps_per_epoch = plan.per_epoch // accumulation
     max_steps = int(training["max_steps"] or training["num_epochs"] * steps_per_epoch)
     warmup_steps = int(round(float(training["warmup_epochs"]) * steps_per_epoch))
     stop_at = min(int(training["stop_at_step"] or max_steps), max_steps)
@@ -715,11 +729,11 @@ def main(argv: list[str] | None = None) -> dict:
     if training["resume"]:
         state.update(checkpoints.load(training["resume"], model, optimizer))
     start_step = int(state["step"])
-    plan = EpochBatchPlan(len(subset), batch_size, world_size, rank, seed, start=start_step * accumulation)
+    plan.start = start_step * accumulation
     loader = torch.utils.data.DataLoader(
         IndexedExamples(train_full, subset), batch_sampler=plan,
         collate_fn=ProcessBatch(train_processor, data["padded_frames"]),
-        num_workers=int(data["num_workers"]),
+        num_workers=int(data["num_workers"]), generator=loader_generator(seed),
     )
     batches = iter(loader)
 
@@ -761,10 +775,6 @@ def main(argv: list[str] | None = None) -> dict:
                                            batch_size=eval_batch, accelerator=accelerator, desc="validation",
                                            padded_frames=data["padded_frames"])
                 scores = summarise(matrix, class_names, task)
-                if training["metric_for_best"] not in scores:
-                    known = sorted(name for name, value in scores.items() if not isinstance(value, (dict, list)))
-                    raise ValueError(f"training.metric_for_best {training['metric_for_best']!r} is not a validation "
-                                     f"score; choose from {known}.")
                 record.update({name: value for name, value in scores.items() if not isinstance(value, (dict, list))})
                 accelerator.log({f"validation/{name}": value for name, value in record.items()
                                  if name not in ("step", "epoch") and value is not None}, step=step)

@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     CheckpointError,
+    check_fields,
+    config_fields,
     derive_seed,
     end_training,
     flatten_settings,
@@ -124,7 +126,9 @@ def parse_args(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
     parser.add_argument("--config", default=None, help="YAML file with model / data / training sections")
     args, rest = parser.parse_known_args(argv)
-    return merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
+    settings = merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
+    check_fields(settings["model"]["config"], config_fields(), "model.config")
+    return settings
 
 
 def build_model(model_settings: dict) -> TiMoForMaskedImageModeling:
@@ -205,9 +209,6 @@ def main(argv: list[str] | None = None) -> dict:
     seed = int(training["seed"])
     set_seed(seed)
     checkpoints = open_checkpoints(accelerator, output_dir, training)
-    if training["overwrite_output_dir"] and not training["resume"] and accelerator.is_main_process:
-        shutil.rmtree(checkpoints.directory, ignore_errors=True)  # asked for: the old run's checkpoints go
-    accelerator.wait_for_everyone()
 
     model = build_model(settings["model"])
     config = model.config

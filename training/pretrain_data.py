@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import derive_seed
+from common import derive_seed, loader_generator
 
 
 logger = logging.getLogger("timo_hf.pretrain")
@@ -194,15 +194,19 @@ class EpochBatchPlan(torch.utils.data.Sampler):
 
     Epoch `e` reads the permutation `default_rng(seed(run, e))` of the dataset; micro-batch `j` of the epoch gives
     rank `r` the slice `[(j * world + r) * batch, ...)`, so ranks never share samples and the incomplete tail of an
-    epoch is dropped. Micro-batch `m` is a pure function of `m`: resuming at `start = m` continues exactly.
+    epoch is dropped. With `micro_batches_per_step` (gradient accumulation) an epoch holds a whole number of
+    optimizer steps: the micro-batches left over are part of the dropped tail, so that no step straddles two
+    epochs. Micro-batch `m` is a pure function of `m`: resuming at `start = m` continues exactly.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0):
-        self.per_epoch = num_samples // (batch_size * world_size)
+    def __init__(self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, start: int = 0,
+                 micro_batches_per_step: int = 1):
+        per_step = batch_size * world_size * micro_batches_per_step
+        self.per_epoch = num_samples // per_step * micro_batches_per_step
         if self.per_epoch == 0:
             raise ValueError(
-                f"The dataset has {num_samples} series, fewer than one global micro-batch "
-                f"({batch_size} per device x {world_size} processes)."
+                f"The dataset has {num_samples} series, fewer than one optimizer step takes ({batch_size} per "
+                f"device x {world_size} processes x {micro_batches_per_step} accumulated micro-batches)."
             )
         self.num_samples, self.batch_size, self.world_size = num_samples, batch_size, world_size
         self.rank, self.seed, self.start = rank, seed, start
@@ -548,7 +552,7 @@ def build_batches(
         plan = EpochBatchPlan(len(source), batch_size, world_size, rank, seed, start_micro_batch)
         loader = torch.utils.data.DataLoader(
             MapStyleSeries(source, transform), batch_sampler=plan, num_workers=workers, collate_fn=stack_series,
-            persistent_workers=workers > 0,
+            persistent_workers=workers > 0, generator=loader_generator(seed),
         )
         return iter(loader), plan.per_epoch
     if workers:
