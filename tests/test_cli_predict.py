@@ -14,11 +14,11 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from timo_hf import TiMoConfig
-from timo_hf.cli import main
+from timo_hf.cli import build_parser, main
 from timo_hf.image_processing_timo import TiMoImageProcessor
 from timo_hf.inference import Scene, resolve_inputs
-from timo_hf.inference.inputs import date_from_name, expand_stack
-from timo_hf.inference.pipeline import predict_scene
+from timo_hf.inference.inputs import date_from_name, expand_stack, parse_date
+from timo_hf.inference.pipeline import default_companion, predict_scene
 from timo_hf.inference.tile_models import TileSegmenter
 from timo_hf.inference.tiling import BlendAccumulator, TileGrid, blend_weights
 from timo_hf.modeling_timo import TiMoForImageClassification, TiMoForSemanticSegmentation
@@ -190,6 +190,17 @@ def test_grid_keeps_tiles_inside_the_scene_and_on_the_stride():
     assert (small.tile_height, small.tile_width, len(small)) == (64, 64, 1)
 
 
+@pytest.mark.parametrize("length", [256, 257, 448, 449, 450, 640, 641, 1000])
+def test_grid_uses_the_fewest_tiles_that_keep_the_overlap(length):
+    """Every pixel is covered and neighbours share at least `overlap` pixels (the blending ramp), with the fewest
+    tiles that allow it: 449 px need 3 tiles of 256 (2 would share 63 px only)."""
+    tile, overlap = 256, 64
+    origins = TileGrid(length, 32, tile_size=tile, overlap=overlap).row_origins
+    assert origins[0] == 0 and origins[-1] + tile == length
+    assert all(later - earlier <= tile - overlap for earlier, later in zip(origins, origins[1:]))
+    assert len(origins) == 1 + -(-(length - tile) // (tile - overlap))
+
+
 def test_tiles_keep_every_date_whatever_the_training_processor_dropped():
     """A processor saved with temporal sampling, resizing and min_valid_fraction still gives tiled inference every
     date of a tile, an empty one included (per-date models write one map per scene date)."""
@@ -243,6 +254,16 @@ def test_dates_from_file_names_json_and_arguments(tmp_path, scene_files):
     assert [f.path for f in resolve_inputs([str(scene_files[0].parent)])] == scene_files
 
 
+def test_dates_with_a_time_of_day_keep_the_date(tmp_path, scene_files):
+    assert str(parse_date("2021-04-06T10:30:00")) == str(parse_date("20210406T103000")) == "2021-04-06"
+    assert str(parse_date("2021-04-06 10:30")) == "2021-04-06"
+    times = [f"{date}T10:30:00Z" for date in DATES]
+    assert [str(f.date) for f in resolve_inputs([str(p) for p in scene_files], dates=times)] == list(DATES)
+    listing = tmp_path / "inputs.json"
+    listing.write_text(json.dumps([{"path": str(path), "date": time} for path, time in zip(scene_files, times)]))
+    assert [str(f.date) for f in resolve_inputs([str(listing)])] == list(DATES)
+
+
 def test_a_stacked_file_gives_the_same_map_as_one_file_per_date(model_dir, scene_files, tmp_path):
     arrays = [rasterio.open(p).read() for p in scene_files]
     time_major = write_frame(tmp_path / "stack_time.tif", np.concatenate(arrays), descriptions=None)
@@ -270,6 +291,44 @@ def test_bands_are_picked_by_name_from_descriptions_or_bands_option(model_dir, s
     np.testing.assert_array_equal(rasterio.open(tmp_path / "a.tif").read(), rasterio.open(tmp_path / "b.tif").read())
 
 
+def test_descriptions_that_are_no_band_names_leave_the_file_order(model_dir, scene_files, tmp_path):
+    unnamed = [write_frame(tmp_path / path.name, rasterio.open(path).read(), descriptions=("red", "green", "blue"))
+               for path in scene_files]
+    assert main(predict_args(model_dir, scene_files, tmp_path / "a.tif", "--no-quicklook")) == 0
+    assert main(predict_args(model_dir, unnamed, tmp_path / "b.tif", "--no-quicklook")) == 0
+    np.testing.assert_array_equal(rasterio.open(tmp_path / "a.tif").read(), rasterio.open(tmp_path / "b.tif").read())
+
+
+def test_band_descriptions_that_name_only_some_model_bands_are_refused(model_dir, tmp_path, capsys):
+    files = [write_frame(tmp_path / f"S2_{date}.tif", array, descriptions=("B8", "B3", "B4"))
+             for date, array in zip(DATES, scene_arrays())]
+    run_expecting_error(predict_args(model_dir, files, tmp_path / "map.tif"), capsys,
+                        files[0].name, "lacks the bands ['B2']", "--bands")
+
+
+def test_a_stack_without_stack_layout_is_refused(model_dir, tmp_path, capsys):
+    named = write_frame(tmp_path / "named.tif", np.concatenate(scene_arrays()), descriptions=BANDS * 3)
+    run_expecting_error(predict_args(model_dir, [named], tmp_path / "map.tif"), capsys,
+                        "named.tif", "more than once", "--stack-layout")
+    unnamed = write_frame(tmp_path / "unnamed.tif", np.concatenate(scene_arrays()), descriptions=None)
+    run_expecting_error(predict_args(model_dir, [unnamed], tmp_path / "map.tif"), capsys,
+                        "unnamed.tif has 9 bands", "--stack-layout")
+
+
+def test_a_stack_split_across_its_dates_is_refused(model_dir, tmp_path, capsys):
+    """Per-date bands B2,B3,B4,B8 read 3 by 3 (--bands forgotten): the split cuts across the dates."""
+    arrays = scene_arrays()
+    four_bands = write_frame(tmp_path / "four.tif", np.concatenate([np.concatenate([a[::-1], a[:1]]) for a in arrays]),
+                             descriptions=("B2", "B3", "B4", "B8") * 3)
+    layout = ["--stack-layout", "time-major", "--dates", *DATES, "2021-12-01"]
+    run_expecting_error(predict_args(model_dir, [four_bands], tmp_path / "map.tif", *layout), capsys,
+                        "four.tif bands [4, 5, 6]", "lacks the bands ['B4']", "--stack-layout")
+    six_bands = write_frame(tmp_path / "six.tif", np.concatenate([np.concatenate([a, a]) for a in arrays[:2]]),
+                            descriptions=(*BANDS, "B8", "B11", "B12") * 2)  # dates 2 and 4 of the split name no band
+    run_expecting_error(predict_args(model_dir, [six_bands], tmp_path / "map.tif", *layout), capsys,
+                        "six.tif", "name none of them", "--stack-layout")
+
+
 def test_align_resamples_dates_on_another_grid(model_dir, scene_files, tmp_path, capsys):
     shifted = rasterio.open(scene_files[1]).read()
     moved = write_frame(tmp_path / "S2_2021-06-15_L2A.tif", shifted,
@@ -283,6 +342,23 @@ def test_align_resamples_dates_on_another_grid(model_dir, scene_files, tmp_path,
     assert "resampled onto the first date's grid" in capsys.readouterr().out
     with rasterio.open(tmp_path / "map.tif") as dataset:
         assert dataset.transform == TRANSFORM and (dataset.height, dataset.width) == (HEIGHT, WIDTH)
+
+
+def test_align_keeps_the_nodata_value_out_of_resampling(tmp_path):
+    """--nodata on a file without a nodata tag, resampled by --align, acts as the tag would: its zeros are not
+    blended into the neighbouring valid pixels."""
+    arrays = scene_arrays()
+    arrays[1][:, 60:90, 60:90] = 0  # a gap written as zeros
+    half_pixel_off = from_origin(TRANSFORM.c + 5.0, TRANSFORM.f - 5.0, 10.0, 10.0)
+    reference = write_frame(tmp_path / f"S2_{DATES[0]}.tif", arrays[0], nodata=None)
+    values = {}
+    for tag in (None, 0):
+        shifted = write_frame(tmp_path / f"tag{tag}_{DATES[1]}.tif", arrays[1], transform=half_pixel_off, nodata=tag)
+        frames = resolve_inputs([str(reference), str(shifted)])
+        with Scene(frames, band_names=list(BANDS), num_channels=3, align="bilinear", nodata=0) as scene:
+            values[tag] = scene.read(Window(0, 0, WIDTH, HEIGHT))[0]
+    np.testing.assert_array_equal(values[None], values[0])
+    assert np.nanmin(values[None][1]) > 500  # no half-zero blends left as valid values
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -302,20 +378,35 @@ def test_gaps_fill_predicts_wherever_a_date_has_the_pixel(model_dir, scene_files
     assert (classes < 3).all()  # the second date's gap is predicted from the other dates
 
 
-def test_gaps_fill_leaves_a_date_missing_from_a_tile_out_of_it(scene_files, tmp_path):
-    """A date without any value (a swath that misses the scene) gives, with gaps='fill', the map of the other dates
-    alone (day-offset positions, so the two runs see the same positions)."""
-    folder = save_model(tmp_path / "days", TiMoForSemanticSegmentation(tiny_segmentation_config()),
-                        temporal_encoding="days")
-    empty = write_frame(tmp_path / f"S2_{DATES[1]}_empty.tif", np.zeros((3, HEIGHT, WIDTH), np.uint16))
-    maps = {}
-    for name, inputs in {"with": [scene_files[0], empty, scene_files[2]], "without": scene_files[::2]}.items():
-        out = tmp_path / f"{name}.tif"
-        assert main(predict_args(folder, inputs, out, "--gaps", "fill", "--probabilities", "--no-quicklook")) == 0
-        with rasterio.open(tmp_path / f"{name}_probabilities.tif") as dataset:
-            maps[name] = dataset.read().astype(int)
-    assert (maps["with"] < 255).all()  # predicted everywhere from the other dates
-    assert np.abs(maps["with"] - maps["without"]).max() <= 1  # uint8 probabilities, same up to rounding
+def gaps_fill_probabilities(model, inputs, out):
+    """The uint8 probabilities of `timo predict --gaps fill` on `inputs`."""
+    assert main(predict_args(model, inputs, out, "--gaps", "fill", "--probabilities", "--no-quicklook")) == 0
+    with rasterio.open(default_companion(out, "_probabilities.tif")) as dataset:
+        return dataset.read().astype(int)
+
+
+@pytest.fixture(scope="module")
+def days_model_dir(tmp_path_factory):
+    """`model_dir`'s model with a processor that encodes the days since the first date."""
+    torch.manual_seed(0)
+    return save_model(tmp_path_factory.mktemp("days"), TiMoForSemanticSegmentation(tiny_segmentation_config()),
+                      temporal_encoding="days")
+
+
+@pytest.mark.parametrize("missing_date", [0, 1, 2])
+@pytest.mark.parametrize("encoding", ["index", "days"])
+def test_gaps_fill_leaves_a_date_missing_from_a_tile_out_of_it(scene_files, model_dir, days_model_dir, tmp_path,
+                                                               encoding, missing_date):
+    """A date without any value (a swath that misses the scene) gives, with gaps='fill', exactly the map of the other
+    dates alone: the kept dates are numbered as if the missing one had never been given (0, 1, ... or days since the
+    first kept date)."""
+    model = {"index": model_dir, "days": days_model_dir}[encoding]
+    empty = write_frame(tmp_path / f"S2_{DATES[missing_date]}_empty.tif", np.zeros((3, HEIGHT, WIDTH), np.uint16))
+    with_empty = [empty if t == missing_date else path for t, path in enumerate(scene_files)]
+    without = [path for t, path in enumerate(scene_files) if t != missing_date]
+    probabilities = gaps_fill_probabilities(model, with_empty, tmp_path / "with.tif")
+    assert (probabilities < 255).all()  # predicted everywhere from the other dates
+    np.testing.assert_array_equal(probabilities, gaps_fill_probabilities(model, without, tmp_path / "without.tif"))
 
 
 def test_gaps_fill_is_refused_for_per_date_outputs(model_dir, scene_files, tmp_path, capsys):
@@ -334,6 +425,50 @@ def test_embed_with_gaps_fill_has_features_wherever_a_date_has_the_pixel(model_d
                  "--stage", "stage1", "--tile-size", "64", "--overlap", "16", "--gaps", "fill", "--quiet"]) == 0
     with rasterio.open(out) as dataset:
         assert np.isfinite(dataset.read()).all()  # the second date's gap has the other dates' features
+
+
+def test_the_processors_nodata_value_is_nodata_like_the_nodata_option(tmp_path):
+    """Files without a nodata tag, a model whose image processor says nodata_value=0: the zeros are nodata in the
+    map, and a date of zeros only is left out of the tiles with --gaps fill."""
+    model = save_model(tmp_path / "model", TiMoForSemanticSegmentation(tiny_segmentation_config()), nodata_value=0)
+    files = [write_frame(tmp_path / f"S2_{date}.tif", array, nodata=None) for date, array in zip(DATES, scene_arrays())]
+    assert main(predict_args(model, files, tmp_path / "map.tif", "--no-quicklook")) == 0
+    classes = rasterio.open(tmp_path / "map.tif").read(1)
+    missing = np.zeros((HEIGHT, WIDTH), bool)
+    missing[NODATA_BOX] = True
+    assert (classes[missing] == 255).all() and (classes[~missing] < 3).all()
+    zeros = write_frame(tmp_path / f"S2_{DATES[1]}_zeros.tif", np.zeros((3, HEIGHT, WIDTH), np.uint16), nodata=None)
+    np.testing.assert_array_equal(gaps_fill_probabilities(model, [files[0], zeros, files[2]], tmp_path / "a.tif"),
+                                  gaps_fill_probabilities(model, files[::2], tmp_path / "b.tif"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--batch-size", "0", "must be at least 1, got 0"),
+    ("--batch-size", "-3", "must be at least 1, got -3"),
+    ("--tile-size", "0", "must be at least 1, got 0"),
+    ("--overlap", "-16", "must be at least 0, got -16"),
+    ("--batch-size", "two", "expected an integer, got 'two'"),
+])
+def test_integer_options_out_of_range_are_usage_errors(option, value, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["predict", "--model", "m", "--inputs", "a.tif", "--out", "o.tif", option, value])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: {message}" in capsys.readouterr().err
+
+
+def test_unknown_or_unavailable_devices_are_clear_errors(model_dir, scene_files, tmp_path, capsys):
+    run_expecting_error(predict_args(model_dir, scene_files, tmp_path / "map.tif", "--device", "gpu"), capsys,
+                        "--device gpu", "cuda")
+    run_expecting_error(predict_args(model_dir, scene_files, tmp_path / "map.tif", "--device", "cuda:63"), capsys,
+                        "--device cuda:63")
+
+
+def test_embed_with_tiles_as_small_as_the_stride_defaults_to_no_overlap(model_dir, scene_files, tmp_path):
+    out = tmp_path / "features.tif"
+    assert main(["embed", "--model", str(model_dir), "--inputs", *map(str, scene_files), "--out", str(out),
+                 "--tile-size", "32", "--quiet"]) == 0
+    with rasterio.open(out) as dataset:
+        assert (dataset.height, dataset.width) == (-(-HEIGHT // 32), -(-WIDTH // 32))
 
 
 def test_bad_inputs_give_clear_errors(model_dir, scene_files, tmp_path, capsys):
@@ -359,12 +494,10 @@ def test_model_folder_without_processor_or_of_another_task(scene_files, tmp_path
     run_expecting_error(predict_args(tmp_path / "nowhere", scene_files, tmp_path / "map.tif"), capsys, "not found")
 
 
-def test_dates_are_required_when_the_processor_encodes_days(scene_files, tmp_path, capsys):
-    folder = save_model(tmp_path / "days", TiMoForSemanticSegmentation(tiny_segmentation_config()),
-                        temporal_encoding="days")
+def test_dates_are_required_when_the_processor_encodes_days(days_model_dir, scene_files, tmp_path, capsys):
     undated = [write_frame(tmp_path / f"frame_{i}.tif", rasterio.open(p).read()) for i, p in enumerate(scene_files)]
-    run_expecting_error(predict_args(folder, undated, tmp_path / "map.tif"), capsys, "dates")
-    assert main(predict_args(folder, undated, tmp_path / "map.tif", "--dates", *DATES, "--no-quicklook")) == 0
+    run_expecting_error(predict_args(days_model_dir, undated, tmp_path / "map.tif"), capsys, "dates")
+    assert main(predict_args(days_model_dir, undated, tmp_path / "map.tif", "--dates", *DATES, "--no-quicklook")) == 0
 
 
 def test_existing_output_is_refused_unless_overwrite(model_dir, scene_files, tmp_path, capsys):

@@ -13,6 +13,21 @@ from ..inference.scene import GAPS, Scene
 from ..inference.tile_models import PRECISIONS
 
 
+def at_least(minimum: int):
+    """An argparse `type`: an integer not below `minimum` (a bad value is a usage error naming the option)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
     """--model, --inputs and everything about reading the scene and running the tiles."""
     parser.add_argument("--model", required=True, help="model folder (save_pretrained) or Hub id")
@@ -25,7 +40,8 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
         "multi-date stack with --stack-layout",
     )
     scene = parser.add_argument_group("scene")
-    scene.add_argument("--dates", nargs="+", metavar="DATE", help="acquisition dates (YYYY-MM-DD), one per date")
+    scene.add_argument("--dates", nargs="+", metavar="DATE",
+                       help="acquisition dates (YYYY-MM-DD; a time after it is ignored), one per date")
     scene.add_argument(
         "--date-pattern", metavar="REGEX",
         help="regex whose first group is the date in each file name (default: YYYY-MM-DD, YYYYMMDD or YYYYDDDTHHMMSS)",
@@ -43,7 +59,8 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
         "--align", choices=sorted(RESAMPLING),
         help="resample dates whose CRS, transform or size differ onto the first date's grid (default: refuse them)",
     )
-    scene.add_argument("--nodata", type=float, help="input value meaning missing data (besides the files' own nodata)")
+    scene.add_argument("--nodata", type=float, help="input value meaning missing data (besides the files' own nodata "
+                       "and the image processor's nodata_value)")
     scene.add_argument(
         "--gaps", choices=GAPS, default="nodata",
         help="pixels missing on some dates (clouds, swath edges): 'nodata' (default) in the output wherever any date "
@@ -51,11 +68,11 @@ def add_scene_arguments(parser: argparse.ArgumentParser) -> None:
         "dates that miss a whole tile left out of it (outputs that fuse the dates only)",
     )
     run = parser.add_argument_group("tiling")
-    run.add_argument("--tile-size", type=int, help="tile side in pixels, a multiple of 32 (default: the processor's "
-                     "training size, else 256)")
-    run.add_argument("--overlap", type=int,
+    run.add_argument("--tile-size", type=at_least(1), help="tile side in pixels, a multiple of 32 (default: the "
+                     "processor's training size, else 256)")
+    run.add_argument("--overlap", type=at_least(0),
                      help="pixels shared by neighbouring tiles, blended (default: tile size / 4)")
-    run.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass (default: 4)")
+    run.add_argument("--batch-size", type=at_least(1), default=4, help="tiles per forward pass (default: 4)")
     run.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     run.add_argument("--precision", choices=sorted(PRECISIONS), default="float32", help="autocast dtype")
     parser.add_argument("--overwrite", action="store_true", help="replace existing outputs")
@@ -78,8 +95,9 @@ def open_scene(args: argparse.Namespace, num_channels: int):
         args.inputs, dates=args.dates, date_pattern=args.date_pattern, stack_layout=args.stack_layout,
         bands_per_frame=bands_per_frame,
     )
+    nodata = [value for value in (args.nodata, processor.nodata_value) if value is not None]  # both mean missing
     scene = Scene(frames, band_names=band_names, num_channels=num_channels, input_band_names=input_band_names,
-                  align=args.align, nodata=args.nodata, gaps=args.gaps)
+                  align=args.align, nodata=nodata, gaps=args.gaps)
     return processor, scene
 
 
@@ -111,9 +129,11 @@ def default_tile_size(processor, requested: int | None, multiple: int = 32) -> i
 
 
 def default_overlap(tile_size: int, requested: int | None, multiple: int = 1) -> int:
+    """`requested`, else a quarter of the tile rounded down to a multiple of `multiple` (at least one `multiple`,
+    at most the tile less one `multiple`: tiles as small as the output stride do not overlap)."""
     if requested is not None:
         return requested
-    return max(multiple, (tile_size // 4) // multiple * multiple)
+    return min(max(multiple, (tile_size // 4) // multiple * multiple), tile_size - multiple)
 
 
 def reports_errors(run):

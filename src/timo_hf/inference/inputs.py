@@ -43,8 +43,9 @@ class InputFrame:
 
 
 def parse_date(text: str) -> datetime.date:
-    """'2021-05-03', '2021_05_03', '20210503' or '2021123' (year + day of year) -> date."""
-    digits = re.sub(r"\D", "", text)
+    """'2021-05-03', '2021_05_03', '20210503' or '2021123' (year + day of year) -> date; a time of day after it
+    ('2021-05-03T10:30:00', '20210503T103000', '2021-05-03 10:30') is dropped: the model uses dates only."""
+    digits = re.sub(r"\D", "", re.split(r"[T ]", text.strip(), maxsplit=1)[0])
     try:
         if len(digits) == 8:
             return datetime.date(int(digits[:4]), int(digits[4:6]), int(digits[6:]))
@@ -52,7 +53,7 @@ def parse_date(text: str) -> datetime.date:
             return datetime.date(int(digits[:4]), 1, 1) + datetime.timedelta(days=int(digits[4:]) - 1)
     except ValueError:
         pass
-    raise ValueError(f"cannot read a date from {text!r}; use YYYY-MM-DD, YYYYMMDD or YYYYDDD")
+    raise ValueError(f"cannot read a date from {text!r}; use YYYY-MM-DD, YYYYMMDD or YYYYDDD, optionally with a time")
 
 
 def date_from_name(name: str, pattern: str | None = None) -> datetime.date | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,13 @@ from .inputs import InputFrame
 
 
 GAPS = ("nodata", "fill")  # Scene(gaps=...)
+
+
+def nodata_values(nodata: float | Sequence[float] | None) -> tuple[float, ...]:
+    """`Scene(nodata=...)` as a tuple of values (empty: none)."""
+    if nodata is None:
+        return ()
+    return tuple(nodata) if isinstance(nodata, Sequence) else (nodata,)
 
 
 def describe_grid(dataset) -> str:
@@ -45,43 +53,108 @@ def grid_differences(dataset, reference) -> list[str]:
     return differences
 
 
-def select_bands(
-    frame: InputFrame,
-    dataset,
-    wanted: list[str] | None,
-    num_channels: int,
-    input_band_names: list[str] | None = None,
-) -> list[int]:
-    """1-based band indexes of `frame` to read, in the model's band order.
+# What to do about band names that do not fit the model, by cause.
+NAME_THE_BANDS = "give files with these bands, or name the file's bands in file order with --bands"
+CHECK_THE_SPLIT = ("check how the stack is split into dates: --stack-layout, and --bands with the names of one date's "
+                   "bands (which also sets the number of bands per date)")
+GIVE_THE_LAYOUT = "pass --stack-layout time-major or band-major (and --dates) to read each date"
 
-    `wanted` are the image processor's band names (None: take the frame's bands in order, which must then be
-    exactly `num_channels`). The frame's own band names come from `input_band_names` (`--bands`) or the file's
-    band descriptions.
-    """
-    available = list(frame.bands) if frame.bands is not None else list(range(1, dataset.count + 1))
-    names = None
+
+def frame_bands(frame: InputFrame, dataset) -> list[int]:
+    """1-based indexes of `frame`'s bands in its file."""
+    return list(frame.bands) if frame.bands is not None else list(range(1, dataset.count + 1))
+
+
+def frame_band_names(frame: InputFrame, dataset, input_band_names: list[str] | None) -> list[str] | None:
+    """Canonical names of `frame`'s bands in file order: `input_band_names` (`--bands`), else the file's band
+    descriptions, else None (unnamed)."""
+    available = frame_bands(frame, dataset)
     if input_band_names is not None:
         if len(input_band_names) != len(available):
             raise ValueError(
                 f"--bands names {len(input_band_names)} bands but {frame.label} has {len(available)} bands per date"
             )
-        names = [canonical_band(name) for name in input_band_names]
-    elif all(dataset.descriptions[i - 1] for i in available):
-        names = [canonical_band(dataset.descriptions[i - 1]) for i in available]
-    if wanted is not None and names is not None:
-        missing = [band for band in wanted if canonical_band(band) not in names]
-        if not missing:
-            return [available[names.index(canonical_band(band))] for band in wanted]
-        if input_band_names is not None:
-            raise ValueError(f"{frame.label} lacks the bands {missing} the model needs (its bands: {input_band_names})")
+        return [canonical_band(name) for name in input_band_names]
+    if all(dataset.descriptions[i - 1] for i in available):
+        return [canonical_band(dataset.descriptions[i - 1]) for i in available]
+    return None
+
+
+def picks_by_name(names: list[str] | None, wanted: list[str] | None, named_by_user: bool) -> bool:
+    """Whether the model's `wanted` bands are picked by `names`: always when `--bands` gave them, else when the
+    descriptions name at least one wanted band (descriptions that name none are not band names: file order)."""
+    if names is None or wanted is None:
+        return False
+    return named_by_user or any(canonical_band(band) in names for band in wanted)
+
+
+def pick_by_name(frame: InputFrame, available: list[int], names: list[str], wanted: list[str]) -> list[int]:
+    """The indexes among `available` (named `names`) of the `wanted` bands; every one must be named exactly once."""
+    wanted = [canonical_band(band) for band in wanted]
+    stacked = frame.bands is not None
+    missing = [band for band in wanted if band not in names]
+    if missing:
+        advice = CHECK_THE_SPLIT if stacked else NAME_THE_BANDS
+        raise ValueError(f"{frame.label} lacks the bands {missing} the model needs (its bands: {names}); {advice}")
+    repeated = [band for band in wanted if names.count(band) > 1]
+    if repeated:
+        advice = CHECK_THE_SPLIT if stacked else f"it looks like several dates stacked in one file: {GIVE_THE_LAYOUT}"
+        raise ValueError(f"{frame.label} names the bands {repeated} more than once (its bands: {names}); {advice}")
+    return [available[names.index(band)] for band in wanted]
+
+
+def pick_by_order(frame: InputFrame, available: list[int], wanted: list[str] | None, num_channels: int) -> list[int]:
+    """All of `available`, which must be as many as the model's bands."""
     expected = len(wanted) if wanted is not None else num_channels
     if len(available) != expected:
         needs = f" ({', '.join(wanted)})" if wanted else ""
+        several_dates = frame.bands is None and len(available) > expected and len(available) % expected == 0
+        stack = f"; or, if it holds several dates, {GIVE_THE_LAYOUT}" if several_dates else ""
         raise ValueError(
             f"{frame.label} has {len(available)} bands per date but the model expects {expected}{needs}; "
-            "name the file's bands with --bands so that the model's bands can be picked"
+            f"name the file's bands with --bands so that the model's bands can be picked{stack}"
         )
     return available
+
+
+def check_stack_split(frames: list[InputFrame], by_name: list[bool]) -> None:
+    """The dates of one stacked file must all be picked by name or all by order: a split where some dates name the
+    model's bands and others name none of them cuts across the file's dates."""
+    stacks: dict[Path, dict[bool, list[str]]] = {}
+    for frame, named in zip(frames, by_name):
+        if frame.bands is not None:
+            stacks.setdefault(frame.path, {}).setdefault(named, []).append(frame.label)
+    for path, groups in stacks.items():
+        if len(groups) > 1:
+            raise ValueError(
+                f"{path.name}: the band descriptions of {groups[True]} name the model's bands but those of "
+                f"{groups[False]} name none of them; {CHECK_THE_SPLIT}"
+            )
+
+
+def select_bands(
+    frames: list[InputFrame],
+    datasets: list,
+    wanted: list[str] | None,
+    num_channels: int,
+    input_band_names: list[str] | None = None,
+) -> list[list[int]]:
+    """For each frame (read from the dataset beside it), the 1-based band indexes to read, in the model's order.
+
+    `wanted` are the image processor's band names (None: take each frame's bands in order, which must then be
+    exactly `num_channels`). The frames' band names come from `input_band_names` (`--bands`) or the files' band
+    descriptions; they must then name every wanted band once, except that descriptions naming none of them (no band
+    names at all) leave the file order.
+    """
+    selected, by_name = [], []
+    for frame, dataset in zip(frames, datasets):
+        available = frame_bands(frame, dataset)
+        names = frame_band_names(frame, dataset, input_band_names)
+        by_name.append(picks_by_name(names, wanted, named_by_user=input_band_names is not None))
+        selected.append(pick_by_name(frame, available, names, wanted) if by_name[-1]
+                        else pick_by_order(frame, available, wanted, num_channels))
+    check_stack_split(frames, by_name)
+    return selected
 
 
 class Scene:
@@ -94,7 +167,9 @@ class Scene:
         input_band_names: names of the bands of each frame in file order (`--bands`), if the files lack them.
         align: resampling (`nearest`, `bilinear`, `cubic`, `average`) to put frames on the first frame's grid; None
             refuses frames whose CRS, transform or size differ.
-        nodata: value marking missing data in every frame, in addition to each file's own nodata / mask.
+        nodata: value (or values) marking missing data in every frame, in addition to each file's own nodata / mask:
+            `--nodata` and the image processor's `nodata_value`. With `align`, the first one is also the nodata of a
+            resampled file that has none, so that resampling does not blend it into valid pixels.
         gaps: `"nodata"`: a pixel missing on any date (in any band) is missing on every date, and so in the outputs;
             `"fill"`: it is missing on its own dates only (the model's processor fills those values), and in the
             outputs only where every date misses it.
@@ -108,7 +183,7 @@ class Scene:
         num_channels: int,
         input_band_names: list[str] | None = None,
         align: str | None = None,
-        nodata: float | None = None,
+        nodata: float | Sequence[float] | None = None,
         gaps: str = "nodata",
     ):
         if not frames:
@@ -116,7 +191,7 @@ class Scene:
         if gaps not in GAPS:
             raise ValueError(f"gaps must be one of {GAPS}, got {gaps!r}")
         self.frames = frames
-        self.nodata = nodata
+        self.nodata = nodata_values(nodata)
         self.gaps = gaps
         self._stack = contextlib.ExitStack()
         try:
@@ -150,26 +225,29 @@ class Scene:
                 "date's grid"
             )
         self.aligned = sorted(path.name for path in mismatched)
-        readers = {}
-        for path, dataset in opened.items():
-            if path in mismatched:
-                options = dict(crs=reference.crs, transform=reference.transform, width=self.width,
-                               height=self.height, resampling=resampling_method(align))
-                if dataset.nodata is None:
-                    options["add_alpha"] = True  # areas outside the source become masked, not zeros
-                else:
-                    options["nodata"] = dataset.nodata
-                dataset = self._stack.enter_context(WarpedVRT(dataset, **options))
-            readers[path] = dataset
+        readers = {
+            path: self._warped(dataset, reference, align) if path in mismatched else dataset
+            for path, dataset in opened.items()
+        }
         self._readers = [readers[frame.path] for frame in self.frames]
-        self._indexes = [
-            select_bands(frame, opened[frame.path], band_names, num_channels, input_band_names)
-            for frame in self.frames
-        ]
+        self._indexes = select_bands(self.frames, [opened[frame.path] for frame in self.frames], band_names,
+                                     num_channels, input_band_names)
         self._masked = [
             any(flags != [MaskFlags.all_valid] for flags in (reader.mask_flag_enums[i - 1] for i in indexes))
             for reader, indexes in zip(self._readers, self._indexes)
         ]
+
+    def _warped(self, dataset, reference, align: str) -> WarpedVRT:
+        """`dataset` resampled onto the grid of `reference`, its nodata (else the scene's) kept out of resampling."""
+        options = dict(crs=reference.crs, transform=reference.transform, width=self.width, height=self.height,
+                       resampling=resampling_method(align))
+        if dataset.nodata is not None:
+            options["nodata"] = dataset.nodata
+        elif self.nodata:  # a file without a nodata tag: --nodata's zeros must not blend into their neighbours
+            options.update(src_nodata=self.nodata[0], nodata=self.nodata[0])
+        else:
+            options["add_alpha"] = True  # areas outside the source become masked, not zeros
+        return self._stack.enter_context(WarpedVRT(dataset, **options))
 
     # ------------------------------------------------------------------------------------------------ properties
     @property
@@ -209,8 +287,8 @@ class Scene:
                 if masked:
                     invalid[t] = (reader.read_masks(indexes, window=inside) == 0).any(axis=0)
             invalid |= ~np.isfinite(block).all(axis=1)
-            if self.nodata is not None:
-                invalid |= (block == self.nodata).any(axis=1)
+            if self.nodata:
+                invalid |= np.isin(block, self.nodata).any(axis=1)
             if self.gaps == "nodata":
                 invalid[:] = invalid.any(axis=0)
             np.putmask(block, np.broadcast_to(invalid[:, None], block.shape), np.nan)

@@ -22,12 +22,33 @@ PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": t
 
 
 def pick_device(name: str = "auto") -> torch.device:
+    """The torch device `name` (`auto`: CUDA when available, else CPU); a ValueError when torch does not know it or
+    this machine cannot use it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name}: not a device name; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu (or auto)")
+    try:
+        torch.empty(0, device=device)  # an absent GPU index or backend fails here rather than deep in the run
+    except (RuntimeError, AssertionError) as error:
+        raise ValueError(f"--device {name} cannot be used on this machine ({error}); use --device auto") from None
     return device
+
+
+def kept_date_positions(present: np.ndarray, days: np.ndarray | None) -> np.ndarray:
+    """`(B, T)` temporal positions of the dates each tile keeps (`present`), numbered as the image processor
+    numbers the dates a sample keeps in training: 0, 1, ... (`days` None, "index" encoding) or days since the first
+    kept date ("days" encoding, `days` the day number of each date). Left-out dates get 0 (the model skips them)."""
+    if days is None:
+        positions = np.cumsum(present, axis=1) - 1
+    else:
+        first_kept = days[present.argmax(axis=1)]
+        positions = days[None, :] - first_kept[:, None]
+    return np.where(present, positions, 0).astype(np.float32)
 
 
 class _TileModel:
@@ -47,20 +68,23 @@ class _TileModel:
         self.model = model.to(device).eval()
         self.processor = processor
         self.dates = [date.isoformat() for date in dates] if dates else None
+        encodes_days = processor.temporal_encoding == "days"
+        self.day_numbers = np.array([date.toordinal() for date in dates]) if encodes_days else None
         self.device = device
         self.dtype = PRECISIONS[precision]
 
     def _inputs(self, tiles: np.ndarray) -> dict[str, torch.Tensor]:
         """Model inputs of a batch of tiles: a date without any value in a tile is left out of it (`frame_mask`;
         where a scene keeps its gaps, `Scene(gaps="fill")`), unless the tile has no value at all (then it is
-        nodata in the outputs anyway)."""
+        nodata in the outputs anyway); the dates it keeps are numbered as if the left-out ones had never been given,
+        so that the tile gets what the scene without those dates would get."""
         batch = self.processor(list(tiles), dates=self.dates, return_tensors="pt")  # one list of dates for all tiles
-        present = torch.from_numpy(np.isfinite(tiles).any(axis=(2, 3, 4)))
-        present[~present.any(dim=1)] = True
+        present = np.isfinite(tiles).any(axis=(2, 3, 4))
+        present[~present.any(axis=1)] = True
         return {
             "pixel_values": batch["pixel_values"].to(self.device),
-            "temporal_positions": batch["temporal_positions"].to(self.device),
-            "frame_mask": present.to(self.device),
+            "temporal_positions": torch.from_numpy(kept_date_positions(present, self.day_numbers)).to(self.device),
+            "frame_mask": torch.from_numpy(present).to(self.device),
         }
 
     def _autocast(self):
