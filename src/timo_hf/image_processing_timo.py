@@ -19,8 +19,17 @@ Steps, per sample, in this order:
 
 The result is a ``BatchFeature`` with ``pixel_values`` [B, T, C, H, W] float32, ``temporal_positions`` [B, T],
 ``frame_mask`` [B, T] bool, ``valid_mask`` [B, T, H, W] bool and, when labels are given, ``labels`` (masks
-[B, H, W] / [B, T, H, W] or ids [B] / [B, T], padded with ``label_pad_value`` / -100). Random choices come from a
-generator seeded with ``seed`` (or the ``seed`` passed to the call), so results are reproducible.
+[B, H, W] / [B, T, H, W] or ids [B] / [B, T], padded with ``label_pad_value`` / -100).
+
+Random choices (``temporal_sampling="random"``, ``random_crop``) come from a numpy generator:
+
+* a call with ``seed=...`` draws from a generator made from that seed alone, so its result is fixed by it;
+* otherwise, in the process that made the processor, successive calls continue one generator seeded with the
+  processor's ``seed`` (fresh entropy when None): the same sequence of calls gives the same results;
+* in a ``torch.utils.data.DataLoader`` worker, the generator is re-seeded from the processor's ``seed`` and the
+  worker's torch seed (``get_worker_info().seed``), which DataLoader draws from the main process's torch RNG for
+  every worker of every epoch: draws differ between workers and epochs, and ``torch.manual_seed`` in the main
+  process makes a run reproducible.
 
 Normalisation presets (``normalization=...``) and their sources:
 
@@ -48,6 +57,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import get_worker_info
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.processing_utils import ImagesKwargs
 
@@ -138,6 +148,15 @@ def canonical_band(name: str) -> str:
     return re.sub(r"^B0+(\d)", r"B\1", name)
 
 
+def _band_rows(available, wanted, what: str) -> list[int]:
+    """Positions of the `wanted` bands in `available` ("B04" matches "B4"); `what` names `available` in the error."""
+    canonical = [canonical_band(name) for name in available]
+    missing = [band for band in wanted if canonical_band(band) not in canonical]
+    if missing:
+        raise ValueError(f"bands {missing} not in {what} {list(available)}")
+    return [canonical.index(canonical_band(band)) for band in wanted]
+
+
 def _size_dict(size) -> dict | None:
     if size is None:
         return None
@@ -167,7 +186,8 @@ class TiMoImageProcessorKwargs(ImagesKwargs, total=False):
 
 
 class TiMoImageProcessor(BaseImageProcessor):
-    """Image processor for TiMo; see the module docstring for the steps, options and normalisation presets."""
+    """Image processor for TiMo; see the module docstring for the steps, options, how random draws are seeded (in
+    DataLoader workers too) and the normalisation presets."""
 
     model_input_names = ["pixel_values", "temporal_positions", "frame_mask", "valid_mask"]
     valid_kwargs = TiMoImageProcessorKwargs
@@ -232,6 +252,20 @@ class TiMoImageProcessor(BaseImageProcessor):
         self.label_pad_value = label_pad_value
         self.seed = seed
         self._rng = np.random.default_rng(seed)
+        self._rng_worker_seed = None  # the DataLoader worker seed `_rng` was made for (None: this process)
+
+    def _generator(self, seed: int | None) -> np.random.Generator:
+        """The generator of one call: from the call's `seed`, else the processor's own, re-seeded once in each
+        DataLoader worker (a forked worker starts with a copy of the parent's generator, identical in every worker
+        and in every epoch's fresh workers)."""
+        if seed is not None:
+            return np.random.default_rng(seed)
+        worker = get_worker_info()
+        if worker is not None and worker.seed != self._rng_worker_seed:
+            entropy = [worker.seed] if self.seed is None else [worker.seed, self.seed]
+            self._rng = np.random.default_rng(entropy)
+            self._rng_worker_seed = worker.seed
+        return self._rng
 
     @staticmethod
     def _check_choice(name, value, choices):
@@ -239,12 +273,31 @@ class TiMoImageProcessor(BaseImageProcessor):
             raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
     def _per_band(self, values, name):
-        if values is None or isinstance(values, (int, float)):
+        """`values` as given when a number (shared by every band), else as a list of floats, one per band."""
+        if values is None:
+            return None
+        if isinstance(values, (int, float)):
+            self._check_statistic([float(values)], ["every band"], name)
             return values
         values = [float(v) for v in values]
         if self.band_names is not None and len(values) != len(self.band_names):
             raise ValueError(f"{name} has {len(values)} values for {len(self.band_names)} bands")
+        self._check_statistic(values, self.band_names or [f"band {index}" for index in range(len(values))], name)
         return values
+
+    @staticmethod
+    def _check_statistic(values: list[float], bands: list[str], name: str) -> None:
+        """Refuse a mean or std that would turn pixels into NaN/inf while the valid mask still says valid."""
+        positive = name == "image_std"
+        bad = [f"{band}: {value}" for band, value in zip(bands, values)
+               if not math.isfinite(value) or (positive and value <= 0)]
+        if not bad:
+            return
+        if positive:
+            raise ValueError(f"image_std must be a positive finite number for every band, got {', '.join(bad)}; a "
+                             "zero std comes from a band that is constant (or all nodata) in the statistics: leave "
+                             "that band out (band_names=[...]) or give it a std")
+        raise ValueError(f"{name} must be a finite number for every band, got {', '.join(bad)}")
 
     # ------------------------------------------------------------------------------------------- (de)serialisation
     def to_dict(self) -> dict:
@@ -254,12 +307,15 @@ class TiMoImageProcessor(BaseImageProcessor):
 
     @classmethod
     def from_statistics(cls, statistics: dict | str | Path, **kwargs) -> TiMoImageProcessor:
-        """A processor normalising with statistics from ``timo_hf.data.compute_band_statistics`` (dict or JSON)."""
+        """A processor normalising with statistics from ``timo_hf.data.compute_band_statistics`` (dict or JSON);
+        ``band_names=[...]`` keeps the statistics of those bands only (e.g. to leave out a constant band)."""
         if not isinstance(statistics, dict):
             statistics = json.loads(Path(statistics).read_text())
         kwargs.setdefault("nodata_value", statistics.get("nodata"))
-        return cls(band_names=statistics["band_names"], image_mean=statistics["image_mean"],
-                   image_std=statistics["image_std"], **kwargs)
+        band_names = kwargs.pop("band_names", None) or statistics["band_names"]
+        rows = _band_rows(statistics["band_names"], band_names, "the bands of the statistics")
+        return cls(band_names=band_names, image_mean=[statistics["image_mean"][row] for row in rows],
+                   image_std=[statistics["image_std"][row] for row in rows], **kwargs)
 
     # ------------------------------------------------------------------------------------------- inputs
     @staticmethod
@@ -300,11 +356,7 @@ class TiMoImageProcessor(BaseImageProcessor):
                 raise ValueError(f"image has {image.shape[1]} bands, the processor expects {self.band_names}; "
                                  "pass band_names=... to select by name")
             return image
-        available = [canonical_band(name) for name in names]
-        missing = [band for band in self.band_names if canonical_band(band) not in available]
-        if missing:
-            raise ValueError(f"bands {missing} not in the input bands {list(names)}")
-        return image[:, [available.index(canonical_band(band)) for band in self.band_names]]
+        return image[:, _band_rows(names, self.band_names, "the input bands")]
 
     def _valid(self, image: np.ndarray) -> np.ndarray:
         """Where values are finite and not `nodata_value`."""
@@ -334,10 +386,20 @@ class TiMoImageProcessor(BaseImageProcessor):
 
     def _normalize(self, image: np.ndarray) -> np.ndarray:
         image = image.astype(np.float32)
-        channels = image.shape[1]
-        mean = np.broadcast_to(np.asarray(0.0 if self.image_mean is None else self.image_mean, np.float32), (channels,))
-        std = np.broadcast_to(np.asarray(1.0 if self.image_std is None else self.image_std, np.float32), (channels,))
+        mean = self._band_values(self.image_mean, 0.0, "image_mean", image.shape[1])
+        std = self._band_values(self.image_std, 1.0, "image_std", image.shape[1])
         return (image - mean[None, :, None, None]) / std[None, :, None, None]
+
+    @staticmethod
+    def _band_values(values, default: float, name: str, channels: int) -> np.ndarray:
+        """One float32 per band: a number is shared by every band, a list must have one value per band (without
+        band_names the band count is only known here)."""
+        values = default if values is None else values
+        if not isinstance(values, (int, float)) and len(values) != channels:
+            raise ValueError(f"{name} has {len(values)} values but the image has {channels} bands: give one value "
+                             "per band, one number for every band, or band_names=[...] to select the bands the "
+                             "values describe")
+        return np.broadcast_to(np.asarray(values, np.float32), (channels,))
 
     def _resize(self, tensor: torch.Tensor, mode: str) -> torch.Tensor:
         if self.size is None:
@@ -385,7 +447,7 @@ class TiMoImageProcessor(BaseImageProcessor):
         for band selection; labels: per-sample masks (H, W) / (T, H, W), or class ids (scalar / per frame). Dataset
         examples (dicts with pixel_values, dates, band_names, label) may be passed directly as `images`.
         """
-        rng = np.random.default_rng(seed) if seed is not None else self._rng
+        rng = self._generator(seed)
         images, dates, band_names, labels = self._batch(images, dates, band_names, labels)
         samples = []
         for index, (image, sample_dates, names) in enumerate(zip(images, dates, band_names)):

@@ -38,7 +38,7 @@ from .splits import split_shuffled_groups
 
 logger = datasets.logging.get_logger(__name__)
 
-_PROBE_LIMIT = 16
+_FAULTS_SHOWN = 5  # faults listed when no sample can be read
 
 
 @dataclass
@@ -46,11 +46,13 @@ class TiMoBuilderConfig(datasets.BuilderConfig):
     """Options shared by all raw-data builders (each builder documents its own defaults and extra options).
 
     strict: raise the first :class:`SampleError` instead of skipping the sample.
-    bands: band names to keep, in this order (default: the dataset's default selection).
-    image_size: (H, W) to resample every raster to (default: native size; samples must then agree in size).
+    bands: band names to keep, in this order (default: the dataset's default selection); one name is one band.
+    image_size: (H, W) to resample every raster to, or one int for a square (default: native size; samples must
+        then agree in size).
     resampling: rasterio resampling used when a raster is put on another grid ("nearest", "bilinear", ...).
     num_frames: keep at most this many dates per sample (which ones is the builder's documented rule).
-    min_frames: fewer dates than this is a ``missing_timestamps`` fault (default: the builder's).
+    min_frames: a sample with fewer dates than this, counted before ``num_frames`` keeps some of them, is a
+        ``missing_timestamps`` fault (default: the builder's); so ``num_frames`` may be below ``min_frames``.
     split_mode: "default" (documented, deterministic) or "official" (the TiMo code's behaviour, where offered).
     split_fractions: (train, validation, test) fractions of groups for fraction-based splits.
     split_seed: seed of the local RNG used by shuffled group splits.
@@ -68,11 +70,26 @@ class TiMoBuilderConfig(datasets.BuilderConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        if isinstance(self.bands, str):
+            self.bands = (self.bands,)
+        if isinstance(self.image_size, int):
+            self.image_size = (self.image_size, self.image_size)
         for name in ("bands", "image_size", "split_fractions"):
             if getattr(self, name) is not None:
                 setattr(self, name, tuple(getattr(self, name)))
+        if self.image_size is not None and (len(self.image_size) != 2 or not all(map(_is_count, self.image_size))):
+            raise ValueError(f"image_size must be (height, width) in pixels or one int for a square, "
+                             f"got {self.image_size!r}")
+        for name in ("num_frames", "min_frames"):
+            if getattr(self, name) is not None and not _is_count(getattr(self, name)):
+                raise ValueError(f"{name} must be a whole number of dates >= 1 (or None), got {getattr(self, name)!r}")
         if self.split_mode not in ("default", "official"):
             raise ValueError(f"split_mode must be 'default' or 'official', got {self.split_mode!r}")
+
+
+def _is_count(value) -> bool:
+    """A whole number >= 1 (bools excluded: `True` is an int to Python, not a size)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass(frozen=True)
@@ -104,6 +121,12 @@ def parse_date(text: str) -> datetime.date:
         raise SampleError(FaultKind.CORRUPT_FILE, f"cannot parse a date from {text!r}") from None
 
 
+def require_dates(count: int, required: int) -> None:
+    """Raise the `missing_timestamps` fault of a sample with `count` dates where `required` are needed."""
+    if count < required:
+        raise SampleError(FaultKind.MISSING_TIMESTAMPS, f"{count} dates found, at least {required} required")
+
+
 def natural_key(text: str) -> tuple:
     """Sort key that orders '2' before '10' (sequence ids, tile ids)."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
@@ -122,6 +145,7 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
     CLASS_NAMES: tuple[str, ...] = ()
     DEFAULT_MIN_FRAMES = 1
     DEFAULT_NUM_FRAMES: int | None = None
+    KEEP_LATEST_FRAMES = False  # `num_frames` keeps the first dates (False) or the latest ones (True)
     DEFAULT_SPLIT_FRACTIONS = (0.6, 0.2, 0.2)
     DEFAULT_RESAMPLING = "bilinear"
     HOMEPAGE = ""
@@ -185,10 +209,18 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
         return self.config.num_frames if self.config.num_frames is not None else self.DEFAULT_NUM_FRAMES
 
     def limit_frames(self, items: list, dates: list[datetime.date]) -> list:
-        """Default `num_frames` rule: keep the first `num_frames` items in chronological order."""
+        """The `num_frames` rule: keep the first (or, with `KEEP_LATEST_FRAMES`, the latest) `num_frames` items in
+        chronological order, once `min_frames` is checked on all the items (raises SampleError)."""
+        require_dates(len(items), self.min_frames)
         order = sorted(range(len(items)), key=lambda i: dates[i])
-        keep = order[: self.num_frames] if self.num_frames else order
-        return [items[i] for i in keep]
+        if self.num_frames:
+            order = order[-self.num_frames:] if self.KEEP_LATEST_FRAMES else order[: self.num_frames]
+        return [items[i] for i in order]
+
+    @property
+    def frames_after_limit(self) -> int:
+        """Dates a sample must still have once `num_frames` kept some (`min_frames` counts them before)."""
+        return min(self.min_frames, self.num_frames) if self.num_frames else self.min_frames
 
     # ----------------------------------------------------------------------------------------------- listing
     def samples(self) -> list[SampleRef]:
@@ -208,18 +240,30 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
 
     # ----------------------------------------------------------------------------------------------- schema
     def _probe(self) -> tuple[int, int, str]:
-        """(H, W, dtype) of the first readable sample (or `image_size`)."""
-        errors = []
-        for ref in self.samples()[:_PROBE_LIMIT]:
+        """(H, W, dtype) of the first readable sample (or `image_size`). Faulty samples before it are passed over
+        (the build skips and reports them, or raises with ``strict=True``); only a dataset where no sample reads
+        fails here, with the first faults."""
+        faults = []
+        for ref in self.samples():
             try:
-                with raster_env():
-                    frame = self._read_sample(ref).frames[0]
-            except (SampleError, IndexError) as err:
-                errors.append(f"{ref.sample_id}: {err}")
+                frame = self._first_frame(ref)
+            except SampleError as err:
+                err.sample_id = err.sample_id or ref.sample_id
+                faults.append(str(err))
                 continue
             height, width = self.config.image_size or frame.shape[-2:]
             return int(height), int(width), str(frame.dtype)
-        raise FileNotFoundError(f"{type(self).__name__}: none of the first samples could be read: {errors[:3]}")
+        listed = "\n  ".join(faults[:_FAULTS_SHOWN])
+        raise FileNotFoundError(f"{type(self).__name__}: none of the {len(faults)} samples under {self.root} could be "
+                                f"read; fix the files (or the options) behind the first faults:\n  {listed}")
+
+    def _first_frame(self, ref: SampleRef) -> np.ndarray:
+        """The first frame of sample `ref` as read (raises SampleError)."""
+        with raster_env():
+            frames = self._read_sample(ref).frames
+        if not frames:
+            raise SampleError(FaultKind.MISSING_TIMESTAMPS, "no dates found")
+        return frames[0]
 
     def _label_features(self, height: int, width: int) -> dict:
         if self.LABEL_KIND == "mask":
@@ -260,10 +304,18 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
         return {name: [ref for ref in refs if ref.group in groups] for name, groups in group_sets.items()}
 
     def assign_splits(self) -> dict[str, list[SampleRef]]:
+        """The samples of each split; raises when the split rule puts none of the listed samples in any split."""
         refs = self.samples()
         if self.config.split_mode == "official":
-            return self._official_splits(refs)
-        return self.refs_in_groups(refs, self._default_group_splits([ref.group for ref in refs]))
+            splits = self._official_splits(refs)
+        else:
+            splits = self.refs_in_groups(refs, self._default_group_splits([ref.group for ref in refs]))
+        if not any(splits.values()):
+            groups = sorted({ref.group for ref in refs}, key=natural_key)
+            raise ValueError(f"{type(self).__name__}: split_mode={self.config.split_mode!r} puts none of the "
+                             f"{len(refs)} samples found under {self.root} in a split; check the split options "
+                             f"against the sample groups found: {groups[:10]}")
+        return splits
 
     def _split_generators(self, dl_manager):
         return [
@@ -302,9 +354,7 @@ class TiMoRawBuilder(datasets.GeneratorBasedBuilder):
 
     def _finalize(self, ref: SampleRef, raw: RawSample) -> dict:
         """Check and order one raw sample and turn it into an example dict (raises SampleError)."""
-        if len(raw.frames) < max(self.min_frames, 1):
-            raise SampleError(FaultKind.MISSING_TIMESTAMPS,
-                              f"{len(raw.frames)} dates found, at least {max(self.min_frames, 1)} required")
+        require_dates(len(raw.frames), self.frames_after_limit)
         shapes = {frame.shape for frame in raw.frames}
         if len(shapes) > 1:
             detail = ", ".join(f"{date}: {frame.shape}" for date, frame in zip(raw.dates, raw.frames))

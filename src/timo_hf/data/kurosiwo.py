@@ -46,7 +46,9 @@ class KuroSiwo(TiMoRawBuilder):
 
     Bands: VV, VH (raw backscatter values, float32; no-data/NaN kept as stored; the official loader min-max scales
     and replaces NaN by -1). Frames are the three acquisitions sorted by date (the official order SL2, SL1, MS1 is
-    chronological); fewer than three is a ``missing_timestamps`` fault.
+    chronological); fewer than ``min_frames`` (default three) is a ``missing_timestamps`` fault. ``num_frames=k``
+    keeps the k latest: the post-event (flood) image the label describes and the most recent pre-event ones
+    (k=2: SL1, MS1; k=1: MS1 alone).
 
     Label: MK0_MLU values; with ``mask_invalid`` (default) pixels outside {0, 1, 2} or invalid in MK0_MNA become
     255 (ignore). The official loader has no ignore handling (``mask_invalid=False`` keeps raw values).
@@ -54,7 +56,9 @@ class KuroSiwo(TiMoRawBuilder):
     Splits: by event (``actid``, the first folder level) so that no event is in two splits: default: the sorted
     events shuffled with ``split_seed`` and cut 60/20/20; ``event_splits`` gives the event lists explicitly (e.g.
     the paper's official event split). ``split_mode="official"``: the TiMo code's 60/20/20 cut of patch folders in
-    os.listdir order (not reproducible across filesystems, leaks events across splits).
+    os.listdir order, depth first (not reproducible across filesystems, leaks events across splits); the official
+    code takes the folders at depth 3, here the patch folders are taken at whatever depth they are, so the HF tar
+    layout works too.
 
     Licence: code MIT; data terms per the authors' release (check before redistribution).
     Citation: Bountos et al., "Kuro Siwo: 33 billion m^2 under the water. A global multi-temporal satellite dataset
@@ -65,6 +69,7 @@ class KuroSiwo(TiMoRawBuilder):
     BAND_NAMES = ("VV", "VH")
     CLASS_NAMES = ("no water", "permanent water", "flood")
     DEFAULT_MIN_FRAMES = 3
+    KEEP_LATEST_FRAMES = True  # the flood image is the latest: keep it with the most recent pre-event images
     HOMEPAGE = "https://github.com/Orion-AI-Lab/KuroSiwo"
     LICENSE = "see the authors' release (code MIT)"
     CITATION = ("@inproceedings{bountos2024kurosiwo, title={Kuro Siwo: 33 billion m^2 under the water. A global "
@@ -89,37 +94,47 @@ class KuroSiwo(TiMoRawBuilder):
         return super()._default_group_splits(groups)
 
     def _official_splits(self, refs):
-        def walk(folder: Path, depth: int):
-            if depth == 3:
-                return [folder]
-            children = [folder / name for name in os.listdir(folder) if (folder / name).is_dir()]
-            return [leaf for child in children for leaf in walk(child, depth + 1)]
-
         by_folder = {ref.payload: ref for ref in refs}
-        order = [str(leaf.relative_to(self.root)) for leaf in walk(self.root, 0)]
-        order = [folder for folder in order if folder in by_folder]
+        order = self._listdir_order(self.root, set(by_folder))
         n_train, n_val = int(0.6 * len(order)), int(0.2 * len(order))
         blocks = split_by_counts(order, [n_train, n_val, None])
         return {name: [by_folder[folder] for folder in folders] for name, folders in blocks.items()}
 
+    def _listdir_order(self, folder: Path, patches: set[str]) -> list[str]:
+        """The patch folders under `folder`, depth first in os.listdir order (the official loader's order)."""
+        relative = str(folder.relative_to(self.root))
+        if relative in patches:
+            return [relative]
+        children = [folder / name for name in os.listdir(folder) if (folder / name).is_dir()]
+        return [patch for child in children for patch in self._listdir_order(child, patches)]
+
     def _read_sample(self, ref: SampleRef) -> RawSample:
         folder = self.root / ref.payload
-        frames, dates, geo = [], [], None
+        acquisitions = self._acquisitions(folder)
+        dates = [parse_date(paths[0].stem.rsplit("_", 1)[-1]) for _, paths in acquisitions]
+        kept = self.limit_frames(list(range(len(acquisitions))), dates)
+        frames, geo = [], None
+        for index in kept:
+            phase, paths = acquisitions[index]
+            frame, frame_geo = read_band_files(paths, out_shape=self.config.image_size, resampling=self.resampling)
+            frames.append(frame)
+            geo = frame_geo if phase == "MS1" else geo or frame_geo
+        return RawSample(frames=frames, dates=[dates[index] for index in kept], geo=geo, label=self._label(folder))
+
+    def _acquisitions(self, folder: Path) -> list[tuple[str, list[Path]]]:
+        """(phase, one file per selected band) of each acquisition in `folder`; a missing acquisition is left out
+        (it shows up as missing_timestamps), a missing band of a present one is a fault."""
+        acquisitions = []
         for phase in _PHASES:
             found = {pol: sorted(folder.glob(f"{phase}_{code}_*.tif")) for pol, code in _POLARISATION_FILES.items()}
             if not any(found.values()):
-                continue  # a missing acquisition shows up as missing_timestamps
-            paths = []
-            for band in self.band_names:
-                if not found[band]:
-                    raise SampleError(FaultKind.MISSING_BAND,
-                                      f"no {phase}_{_POLARISATION_FILES[band]}_*.tif in {folder}")
-                paths.append(found[band][0])
-            frame, frame_geo = read_band_files(paths, out_shape=self.config.image_size, resampling=self.resampling)
-            frames.append(frame)
-            dates.append(parse_date(paths[0].stem.rsplit("_", 1)[-1]))
-            geo = frame_geo if phase == "MS1" else geo or frame_geo
-        return RawSample(frames=frames, dates=dates, geo=geo, label=self._label(folder))
+                continue
+            missing = [band for band in self.band_names if not found[band]]
+            if missing:
+                raise SampleError(FaultKind.MISSING_BAND,
+                                  f"no {phase}_{_POLARISATION_FILES[missing[0]]}_*.tif in {folder}")
+            acquisitions.append((phase, [found[band][0] for band in self.band_names]))
+        return acquisitions
 
     def _label(self, folder: Path) -> np.ndarray:
         labels = sorted(folder.glob("MK0_MLU_*.tif"))

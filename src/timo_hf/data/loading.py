@@ -8,7 +8,7 @@ from datasets.distributed import split_dataset_by_node
 
 from .faults import BuildSummary
 from .formatting import with_native_format
-from .parquet import load_exported
+from .parquet import is_export_folder, load_exported
 from .registry import BUILDERS, canonical_name, get_builder
 
 
@@ -43,9 +43,12 @@ def load_timo_dataset(
     * ``name`` a dataset name (``"multiearth"``, ``"multisenge"``, ``"mtlcc"``, ``"sen12flood"``, ``"kurosiwo"``,
       ``"millionst"``; case and punctuation ignored) with ``data_dir`` = the raw download: the package's builder
       reads it (``**options`` are the builder's options, see ``timo_hf.data.builder_options(name)``). Map-style
-      builds an Arrow cache (``cache_dir``, ``num_proc`` workers); ``streaming=True`` reads the raw files lazily.
+      builds an Arrow cache (``cache_dir``, ``num_proc`` workers), rebuilt when a raw file changed (it is keyed by
+      the path, size and time of every file under ``data_dir``); ``streaming=True`` reads the raw files lazily.
     * ``name`` a folder written by :func:`export_to_parquet`, or a Hub dataset repo id: read with
-      ``datasets.load_dataset`` (``**options`` are passed to it, e.g. ``revision``).
+      ``datasets.load_dataset`` (``**options`` are passed to it, e.g. ``revision``). An export folder whose path is
+      also a dataset name (``"sen12flood"`` in the working directory) is read as the export when no ``data_dir`` is
+      given.
 
     ``format="numpy"`` returns array columns as numpy arrays in their stored dtype and the other columns as Python
     objects (see ``timo_hf.data.formatting``); ``format=None`` leaves datasets' default (Python lists).
@@ -55,8 +58,9 @@ def load_timo_dataset(
     """
     summary: BuildSummary | None = None
     key = canonical_name(name)
-    if key is not None:
-        builder = get_builder(key, data_dir, cache_dir=cache_dir, **options)
+    # A local export folder named like a dataset ("./sen12flood") is the export, unless data_dir asks for a raw build
+    if key is not None and not (data_dir is None and is_export_folder(name)):
+        builder = get_builder(key, data_dir, cache_dir=cache_dir, fingerprint=not streaming, **options)
         if streaming:
             dataset = builder.as_streaming_dataset(split=split)
         else:

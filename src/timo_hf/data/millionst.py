@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import functools
 import json
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,7 @@ from .raster import raster_grid, read_band_files
 _L2A_BANDS = ("B1", "B2", "B3", "B4", "B5", "B6", "B7", "B8", "B8A", "B9", "B11", "B12")
 _RGB_BANDS = ("B4", "B3", "B2")
 _GRID_BANDS = ("B2", "B3", "B4", "B8")  # the 10 m bands that define the output grid
+_DATED = re.compile(r"\d{8}")  # an acquisition folder's name starts with its date YYYYMMDD
 
 
 @dataclass
@@ -51,8 +53,9 @@ class MillionST(TiMoRawBuilder):
        Frame t of the npy belongs to column t<t+1>; frames are re-ordered chronologically (the official loader
        samples 3 frames in random order). A frame/date count mismatch is a ``shape_mismatch`` fault.
 
-    One example per location with all its timestamps sorted by date; fewer than ``min_frames`` (default 10) is a
-    ``missing_timestamps`` fault. No labels (self-supervised pre-training).
+    One example per location with all its timestamps sorted by date (``num_frames=k``: the first k of them); fewer
+    than ``min_frames`` (default 10, counted before ``num_frames``) is a ``missing_timestamps`` fault. No labels
+    (self-supervised pre-training).
 
     Splits: all locations in ``train`` by default (``split_fractions`` cuts a held-out split by location).
     Licence: CC BY-NC-SA 4.0 (datasheet). Citation: the TiMo paper (arXiv 2505.08723).
@@ -91,7 +94,20 @@ class MillionST(TiMoRawBuilder):
         metadata_path = self.root / "metadata.json"
         metadata = json.loads(metadata_path.read_text()) if metadata_path.is_file() else {}
         locations = sorted((path.name for path in self.root.iterdir() if path.is_dir()), key=natural_key)
+        self._check_geotiff_layout(locations)
         return [SampleRef(name, name, json.dumps(metadata[name]) if name in metadata else None) for name in locations]
+
+    def _check_geotiff_layout(self, locations: list[str]) -> None:
+        """Raise a layout error unless some location folder holds an acquisition folder named by its date (looks
+        no further than the first such location, so a right layout costs one folder listing)."""
+        for name in locations:
+            if any(path.is_dir() and _DATED.match(path.name) for path in (self.root / name).iterdir()):
+                return
+        found = sorted(path.name for path in self.root.iterdir())[:8]
+        raise FileNotFoundError(
+            f"MillionST geotiff layout: expected <location>/<YYYYMMDD...>/<band>.tif under {self.root}, found "
+            f"{found or 'nothing'} and no location folder with a dated acquisition folder; point data_dir at the "
+            "folder of the location folders, or at the npy export (<loc>.npy files + one CSV, layout='npy')")
 
     def _csv_path(self):
         if self.config.csv_path:

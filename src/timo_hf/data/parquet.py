@@ -7,13 +7,17 @@ Layout written by :func:`export_to_parquet` (the same one ``Dataset.push_to_hub`
 
 Parquet files are written with ``pyarrow.parquet.write_table`` (``Dataset.to_parquet(compression=...)`` fails in
 datasets 5.2); the Arrow schema metadata keeps the datasets features, so ``Array4D`` dtypes survive. Row groups
-are sized to about `row_group_bytes` so streaming reads a few samples at a time.
+are sized to about `row_group_bytes` so streaming reads a few samples at a time. A split without rows (e.g. every
+sample skipped as faulty) is left out with a warning: datasets 5 cannot load an empty split from Parquet (a 0-row
+shard breaks the whole folder; a shard without row groups loads when streaming, but map-style loading refuses
+the split).
 """
 
 from __future__ import annotations
 
 import math
 import tempfile
+import warnings
 from pathlib import Path
 
 import datasets
@@ -28,6 +32,17 @@ def _as_dict(dataset) -> datasets.DatasetDict:
     if isinstance(dataset, datasets.Dataset):
         return datasets.DatasetDict({str(dataset.split or "train"): dataset})
     raise TypeError(f"export_to_parquet needs a datasets.Dataset or DatasetDict, got {type(dataset).__name__}")
+
+
+def _non_empty(splits: datasets.DatasetDict) -> datasets.DatasetDict:
+    """The splits that have rows; warns about the ones left out, raises when none is left."""
+    empty = [split for split, part in splits.items() if part.num_rows == 0]
+    if len(empty) == len(splits):
+        raise ValueError(f"export_to_parquet: every split ({empty}) is empty; there is nothing to export")
+    if empty:
+        warnings.warn(f"export_to_parquet: splits {empty} have no rows and are left out of the export (datasets "
+                      "cannot load an empty Parquet split)", stacklevel=3)
+    return datasets.DatasetDict({split: part for split, part in splits.items() if split not in empty})
 
 
 def _write_split(dataset: datasets.Dataset, folder: Path, split: str, max_shard_size: int, row_group_bytes: int,
@@ -79,8 +94,9 @@ def _card(dataset: datasets.DatasetDict, title: str, files: list[Path]) -> Datas
 
 def export_to_parquet(dataset, output_dir, *, max_shard_size: int | str = "500MB", row_group_bytes: int = 64 << 20,
                       compression: str = "zstd", title: str | None = None) -> Path:
-    """Write `dataset` (Dataset or DatasetDict) as a Hub-ready Parquet folder; returns `output_dir`."""
-    splits = _as_dict(dataset)
+    """Write `dataset` (Dataset or DatasetDict) as a Hub-ready Parquet folder; returns `output_dir`. Splits without
+    rows are left out with a warning (datasets cannot load them back)."""
+    splits = _non_empty(_as_dict(dataset))
     output_dir = Path(output_dir)
     (output_dir / "data").mkdir(parents=True, exist_ok=True)
     for stale in (output_dir / "data").glob("*.parquet"):
@@ -91,6 +107,12 @@ def export_to_parquet(dataset, output_dir, *, max_shard_size: int | str = "500MB
     name = title or next(iter(splits.values())).info.dataset_name or output_dir.name
     _card(splits, name, files).save(output_dir / "README.md")
     return output_dir
+
+
+def is_export_folder(path) -> bool:
+    """Whether `path` is a folder laid out as :func:`export_to_parquet` writes it (README.md + data/*.parquet)."""
+    folder = Path(path)
+    return (folder / "README.md").is_file() and any((folder / "data").glob("*.parquet"))
 
 
 def push_to_hub(dataset_or_folder, repo_id: str, *, token: str | None = None, private: bool | None = None,
@@ -104,7 +126,7 @@ def push_to_hub(dataset_or_folder, repo_id: str, *, token: str | None = None, pr
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(dataset_or_folder) if isinstance(dataset_or_folder, (str, Path)) else \
             export_to_parquet(dataset_or_folder, tmp, **export_kwargs)
-        if not (folder / "README.md").is_file() or not any((folder / "data").glob("*.parquet")):
+        if not is_export_folder(folder):
             raise FileNotFoundError(f"{folder} is not an export_to_parquet folder (README.md + data/*.parquet)")
         api = HfApi(token=token)
         api.create_repo(repo_id, repo_type="dataset", private=private, exist_ok=True)

@@ -6,13 +6,15 @@ writes) ``{"band_names": [...], "image_mean": [...], "image_std": [...], "pixel_
 ``TiMoImageProcessor.from_statistics(<that file>)`` builds a processor from it.
 
 Statistics are accumulated per band in float64 with Chan's parallel update (per-sample mean and M2 merged), so
-uint16 reflectances over millions of pixels do not lose precision. NaN and the `nodata` value are excluded.
+uint16 reflectances over millions of pixels do not lose precision. NaN and the `nodata` value are excluded. A
+band with a std of 0 (constant or without valid pixels) is reported with a warning naming it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from collections.abc import Iterable
 
 import numpy as np
@@ -25,6 +27,19 @@ def _merge(count, mean, m2, count_b, mean_b, m2_b):
     mean = mean + delta * count_b / safe
     m2 = m2 + m2_b + delta**2 * count * count_b / safe
     return total, mean, m2
+
+
+def _warn_degenerate_bands(band_names: list[str], count: np.ndarray, std: np.ndarray) -> None:
+    """Warn about bands whose std is 0: TiMoImageProcessor refuses such statistics, since dividing by 0 would make
+    NaN inputs that the valid mask still marks valid. A warning, not an error, so that one constant band (QA60,
+    B10, an all-nodata band) does not waste a pass over the whole dataset: the other bands' statistics are sound."""
+    empty = [name for name, pixels in zip(band_names, count) if pixels == 0]
+    constant = [name for name, pixels, value in zip(band_names, count, std) if pixels > 0 and value == 0]
+    for names, why in ((empty, "have no valid pixels"), (constant, "are constant")):
+        if names:
+            warnings.warn(f"bands {names} {why}: their std is 0, which TiMoImageProcessor refuses; leave them out "
+                          "(from_statistics(..., band_names=[the other bands])) or set their std by hand",
+                          stacklevel=3)
 
 
 def compute_band_statistics(examples: Iterable[dict], *, nodata: float | None = None, max_samples: int | None = None,
@@ -50,6 +65,7 @@ def compute_band_statistics(examples: Iterable[dict], *, nodata: float | None = 
     if count is None:
         raise ValueError("no examples to compute statistics from")
     std = np.sqrt(m2 / np.where(count > 0, count, 1))
+    _warn_degenerate_bands(band_names, count, std)
     return {"band_names": band_names, "image_mean": mean.tolist(), "image_std": std.tolist(),
             "pixel_count": count.astype(int).tolist(), "num_samples": num_samples, "nodata": nodata}
 
