@@ -161,3 +161,14 @@ def test_info_without_processor_and_bad_folder(tmp_path, capsys):
     assert "preprocessor_config.json missing" in capsys.readouterr().out
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, option", [("info", "--frames"), ("info", "--batch-size"), ("export", "--height"),
+                                             ("export", "--width")])
+def test_sizes_below_one_are_usage_errors(command, option, capsys):
+    from timo_hf.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args([command, "model", *(["--out", "m.onnx"] if command == "export" else []), option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err

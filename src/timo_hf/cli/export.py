@@ -13,7 +13,7 @@ from ..inference.exporting import (
     run_program,
 )
 from ..inference.loading import PROCESSOR_FILE, load_any_model
-from ._common import input_size, optional_processor, reports_errors
+from ._common import at_least, input_size, optional_processor, reports_errors
 
 
 FILES = {"onnx": "model.onnx", "torch-export": "model.pt2"}
@@ -32,10 +32,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--format", nargs="+", choices=FORMATS, default=list(FORMATS),
                         help="what to write (default: both)")
-    parser.add_argument("--frames", type=int, default=3, help="dates T of the exported input (default: 3)")
-    parser.add_argument("--height", type=int, help="input height, a multiple of 32 (default: processor size, else 224)")
-    parser.add_argument("--width", type=int, help="input width (default: the height)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch of the example input (default: 1)")
+    parser.add_argument("--frames", type=at_least(1), default=3, help="dates T of the exported input (default: 3)")
+    parser.add_argument("--height", type=at_least(1),
+                        help="input height, a multiple of 32 (default: processor size, else 224)")
+    parser.add_argument("--width", type=at_least(1), help="input width (default: the height)")
+    parser.add_argument("--batch-size", type=at_least(1), default=1, help="batch of the example input (default: 1)")
     parser.add_argument("--dynamic-batch", action="store_true", help="let the batch dimension vary")
     parser.add_argument("--opset", type=int, default=18, help="ONNX opset (default: 18)")
     parser.add_argument("--atol", type=float, default=1e-4, help="parity tolerance: atol + rtol * max|output|")

@@ -11,7 +11,7 @@ import torch
 from ..configuration_timo import PRESETS, TiMoConfig
 from ..flops import count_flops, layout_name
 from ..inference.loading import MODEL_CLASSES, PROCESSOR_FILE, architecture, load_config
-from ._common import input_size, optional_processor
+from ._common import at_least, input_size, optional_processor
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -24,10 +24,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     )
     parser.add_argument("model", nargs="?", help="model folder (save_pretrained) or Hub id")
     parser.add_argument("--preset", choices=sorted(PRESETS), help="describe an official size instead of a folder")
-    parser.add_argument("--frames", type=int, default=3, help="dates T of the FLOPs input (default: 3)")
-    parser.add_argument("--height", type=int, help="input height (default: the processor's size, else 224)")
-    parser.add_argument("--width", type=int, help="input width (default: the height)")
-    parser.add_argument("--batch-size", type=int, default=1, help="batch of the FLOPs input (default: 1)")
+    parser.add_argument("--frames", type=at_least(1), default=3, help="dates T of the FLOPs input (default: 3)")
+    parser.add_argument("--height", type=at_least(1), help="input height (default: the processor's size, else 224)")
+    parser.add_argument("--width", type=at_least(1), help="input width (default: the height)")
+    parser.add_argument("--batch-size", type=at_least(1), default=1, help="batch of the FLOPs input (default: 1)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     return parser
 
