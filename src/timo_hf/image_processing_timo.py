@@ -312,10 +312,14 @@ class TiMoImageProcessor(BaseImageProcessor):
         if not isinstance(statistics, dict):
             statistics = json.loads(Path(statistics).read_text())
         kwargs.setdefault("nodata_value", statistics.get("nodata"))
-        band_names = kwargs.pop("band_names", None) or statistics["band_names"]
-        rows = _band_rows(statistics["band_names"], band_names, "the bands of the statistics")
-        return cls(band_names=band_names, image_mean=[statistics["image_mean"][row] for row in rows],
-                   image_std=[statistics["image_std"][row] for row in rows], **kwargs)
+        names, mean, std = statistics["band_names"], statistics["image_mean"], statistics["image_std"]
+        selected = kwargs.pop("band_names", None)
+        if selected is not None:
+            if names is None:
+                raise ValueError("band_names=... picks bands by name, but these statistics name none")
+            rows = _band_rows(names, selected, "the bands of the statistics")
+            names, mean, std = list(selected), [mean[row] for row in rows], [std[row] for row in rows]
+        return cls(band_names=names, image_mean=mean, image_std=std, **kwargs)
 
     # ------------------------------------------------------------------------------------------- inputs
     @staticmethod

@@ -86,6 +86,16 @@ def test_a_constant_band_warns_in_statistics_and_can_be_left_out():
         compute_band_statistics(examples, nodata=0)
 
 
+def test_statistics_of_unnamed_bands_make_a_processor_that_takes_the_bands_in_order():
+    """Bare arrays (pre-training on a folder of .npy series) have no band names: statistics without names keep
+    every band, in order."""
+    stats = {**compute_band_statistics([{"pixel_values": np.arange(96).reshape(2, 3, 4, 4)}]), "band_names": None}
+    processor = TiMoImageProcessor.from_statistics(stats, size_divisor=None)
+    assert processor.band_names is None and processor.image_mean == stats["image_mean"]
+    with pytest.raises(ValueError, match="these statistics name none"):
+        TiMoImageProcessor.from_statistics(stats, band_names=["B4"])
+
+
 @pytest.mark.parametrize("length", [3, 1, 2])
 def test_per_band_values_must_match_the_image_band_count(length):
     image = np.ones((2, 4, 8, 8), np.uint16)
