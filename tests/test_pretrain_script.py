@@ -103,6 +103,37 @@ def test_a_script_checkpoint_fine_tunes_through_semantic_segmentation(trained_ru
     assert history[-1] < history[0]
 
 
+def test_continued_pretraining_adapts_the_start_to_the_data_bands(tmp_path, trained_run):
+    """The RGB model, saved with a processor naming B4, B3, B2, continues on 4-band series (B2, B3, B4, B8): its
+    stem and pixel prediction keep the three bands' weights in the data's order, B8 starts at zero (lr 0 here, so
+    the saved model shows exactly that)."""
+    import shutil
+
+    from timo_hf.image_processing_timo import TiMoImageProcessor
+
+    start = Path(shutil.copytree(trained_run / "model", tmp_path / "start"))
+    TiMoImageProcessor(band_names=["B4", "B3", "B2"], image_mean=[0.0] * 3, image_std=[255.0] * 3,
+                       ).save_pretrained(start)
+    TiMoImageProcessor(band_names=["B2", "B3", "B4", "B8"], image_mean=[0.0] * 4, image_std=[255.0] * 4,
+                       ).save_pretrained(tmp_path / "processor")
+    corpus = tmp_path / "four_bands"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        np.save(corpus / f"{index:06d}.npy", rng.integers(0, 255, (10, 4, 64, 64), dtype=np.uint8))
+
+    run_script(tmp_path / "run", corpus, "--model.pretrained", str(start), "--model.config.num_channels", "4",
+               "--data.processor", str(tmp_path / "processor"), "--max_steps", "1", "--lr", "0")
+
+    before = TiMoForMaskedImageModeling.from_pretrained(start)
+    after = TiMoForMaskedImageModeling.from_pretrained(tmp_path / "run" / "model")
+    stem, old_stem = after.timo.embeddings.stem.conv1.weight, before.timo.embeddings.stem.conv1.weight
+    assert torch.equal(stem[:, :3], old_stem.flip(1)) and not stem[:, 3].any()
+    rows = after.decoder.prediction.weight.view(4, -1, after.decoder.prediction.in_features)
+    old_rows = before.decoder.prediction.weight.view(3, -1, before.decoder.prediction.in_features)
+    assert torch.equal(rows[:3], old_rows.flip(0)) and not rows[3].any()
+
+
 # ---------------------------------------------------------------------------------------------- resume
 def test_interrupted_run_resumes_exactly(tmp_path, corpus):
     """Batch 2 x accumulation 2 on 16 series = 4 steps per epoch; interrupted after step 3 (mid-epoch), resumed to
@@ -193,7 +224,7 @@ def test_configuration_merging_and_overrides():
 
 
 def test_optimizer_groups_and_schedule():
-    model = pretrain.build_model({"preset": None, "pretrained": None, "config": {
+    model = pretrain.build_model({**pretrain.DEFAULTS["model"], "config": {
         "hidden_sizes": [16, 32, 48, 64], "num_heads": [2, 2, 4, 4], "depths": [1, 1, 1, 1],
         "mim_decoder_hidden_size": 32, "mim_decoder_depth": 1, "mim_decoder_num_heads": 2}})
     decay, no_decay = common.weight_decay_param_groups(model, 0.05)

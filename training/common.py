@@ -18,6 +18,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import logging
 import math
 import os
 import re
@@ -30,7 +31,12 @@ import yaml
 from accelerate.tracking import GeneralTracker
 
 from timo_hf import TiMoConfig, TiMoImageProcessor
+from timo_hf.band_adaptation import NEW_BAND_WEIGHTS
+from timo_hf.image_processing_timo import canonical_band
 from timo_hf.plotting import pyplot
+
+
+logger = logging.getLogger("timo_hf.training")
 
 
 # ----------------------------------------------------------------------------------------------- configuration
@@ -91,6 +97,58 @@ def check_fields(values: dict, known: set[str], setting: str) -> None:
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"Unknown field(s) {unknown} in {setting}; known: {sorted(known)}")
+
+
+def start_bands(model_settings: dict) -> list[str] | None:
+    """The bands of the start in its stem's order: `model.pretrained_bands`, else the `band_names` of the image
+    processor saved with `model.pretrained` (None where neither names them)."""
+    if model_settings["pretrained_bands"]:
+        return list(model_settings["pretrained_bands"])
+    if not model_settings["pretrained"]:
+        return None
+    try:
+        return TiMoImageProcessor.from_pretrained(model_settings["pretrained"]).band_names
+    except OSError:  # the start has no image processor
+        return None
+
+
+def bands_to_adapt(model_settings: dict, band_names: list[str] | None) -> list[str] | None:
+    """The start's bands where its stem is to be adapted to the data's `band_names`: both known, in another order
+    or set, and sharing at least one band (None otherwise)."""
+    if not (model_settings["adapt_bands"] and band_names):
+        return None
+    pretrained_bands = start_bands(model_settings)
+    if not pretrained_bands:
+        return None
+    start, data = [canonical_band(band) for band in pretrained_bands], [canonical_band(band) for band in band_names]
+    if not set(start) & set(data):
+        logger.info("The data's bands %s share none with the start's %s: the stem is not adapted.",
+                    band_names, pretrained_bands)
+        return None
+    return pretrained_bands if start != data else None
+
+
+def check_band_settings(model_settings: dict) -> None:
+    """Refuse an unknown `model.new_band_weights` at start-up (it is read only where bands are adapted)."""
+    if model_settings["new_band_weights"] not in NEW_BAND_WEIGHTS:
+        raise ValueError(f"model.new_band_weights must be one of {NEW_BAND_WEIGHTS}, got "
+                         f"{model_settings['new_band_weights']!r}.")
+
+
+def plan_band_adaptation(model_settings: dict, band_names: list[str] | None) -> tuple[dict, list[str] | None]:
+    """(the model settings to load the start with, the start's bands to adapt its input layers from, or None).
+
+    Where the stem is to be adapted (`bands_to_adapt`), the start loads with its own band count, and
+    `timo_hf.band_adaptation.adapt_input_bands(model, pretrained_bands, band_names)` then carries it over."""
+    pretrained_bands = bands_to_adapt(model_settings, band_names)
+    if pretrained_bands is None:
+        return model_settings, None
+    requested = model_settings["config"].get("num_channels")
+    if requested is not None and requested != len(band_names):
+        raise ValueError(f"model.config.num_channels is {requested} but the data has {len(band_names)} bands "
+                         f"({band_names}); drop num_channels.")
+    config = {**model_settings["config"], "num_channels": len(pretrained_bands)}
+    return {**model_settings, "config": config}, pretrained_bands
 
 
 def merge_config(defaults: dict, file_config: dict | None, overrides: dict[str, object]) -> dict:

@@ -72,6 +72,7 @@ sys.path.insert(0, str(TRAINING_DIR.parent / "model_cards"))
 from card_generator import write_finetuned_card  # noqa: E402
 from common import (  # noqa: E402
     CheckpointError,
+    check_band_settings,
     check_fields,
     config_fields,
     derive_seed,
@@ -86,6 +87,7 @@ from common import (  # noqa: E402
     open_checkpoints,
     optimizer_step,
     parse_cli_overrides,
+    plan_band_adaptation,
     plot_loss_curve,
     processor_fields,
     push_folder_to_hub,
@@ -104,8 +106,8 @@ from timo_hf.convert_original import (  # noqa: E402
     rename_decoder_key,
     rename_pretraining_key,
 )
-from timo_hf.band_adaptation import NEW_BAND_WEIGHTS, adapt_input_bands  # noqa: E402
-from timo_hf.image_processing_timo import TiMoImageProcessor, canonical_band  # noqa: E402
+from timo_hf.band_adaptation import adapt_input_bands  # noqa: E402
+from timo_hf.image_processing_timo import TiMoImageProcessor  # noqa: E402
 from timo_hf.metrics import ConfusionMatrix  # noqa: E402
 from timo_hf.modeling_timo import (  # noqa: E402
     CLASSIFICATION_IGNORE_INDEX,
@@ -212,9 +214,7 @@ def parse_args(argv: list[str] | None = None) -> dict:
     if settings["training"]["metric_for_best"] not in metrics:
         raise ValueError(f"training.metric_for_best must be one of {metrics} for {settings['model']['task']}, got "
                          f"{settings['training']['metric_for_best']!r}.")
-    if settings["model"]["new_band_weights"] not in NEW_BAND_WEIGHTS:
-        raise ValueError(f"model.new_band_weights must be one of {NEW_BAND_WEIGHTS}, got "
-                         f"{settings['model']['new_band_weights']!r}.")
+    check_band_settings(settings["model"])
     return settings
 
 
@@ -381,19 +381,6 @@ def load_original_weights(model, checkpoint) -> dict:
             "mismatched_reinitialised": mismatched, "newly_initialised": describe_new_weights(new)}
 
 
-def start_bands(model_settings: dict) -> list[str] | None:
-    """The bands of the start in its stem's order: `model.pretrained_bands`, else the `band_names` of the image
-    processor saved with `model.pretrained` (None where neither names them)."""
-    if model_settings["pretrained_bands"]:
-        return list(model_settings["pretrained_bands"])
-    if not model_settings["pretrained"]:
-        return None
-    try:
-        return TiMoImageProcessor.from_pretrained(model_settings["pretrained"]).band_names
-    except OSError:  # the start has no image processor
-        return None
-
-
 def data_bands(processor: TiMoImageProcessor, dataset) -> list[str] | None:
     """The bands the model will see, in order: the processor's selection, else the examples' own."""
     if processor.band_names:
@@ -403,35 +390,10 @@ def data_bands(processor: TiMoImageProcessor, dataset) -> list[str] | None:
     return None
 
 
-def bands_to_adapt(model_settings: dict, band_names: list[str] | None) -> list[str] | None:
-    """The start's bands where its stem is to be adapted to the data's `band_names`: both known, in another order
-    or set, and sharing at least one band (None otherwise)."""
-    if not (model_settings["adapt_bands"] and band_names):
-        return None
-    pretrained_bands = start_bands(model_settings)
-    if not pretrained_bands:
-        return None
-    start, data = [canonical_band(band) for band in pretrained_bands], [canonical_band(band) for band in band_names]
-    if not set(start) & set(data):
-        logger.info("The data's bands %s share none with the start's %s: the stem is not adapted.",
-                    band_names, pretrained_bands)
-        return None
-    return pretrained_bands if start != data else None
-
-
 def build_model(model_settings: dict, class_names: list[str] | None, band_names: list[str] | None = None):
     """The task model and a report of where its weights come from (and which are newly initialised); with
-    `band_names` (the data's bands) the stem is adapted to them (`bands_to_adapt`)."""
-    pretrained_bands = bands_to_adapt(model_settings, band_names)
-    adapt = pretrained_bands is not None
-    if adapt:
-        requested = model_settings["config"].get("num_channels")
-        if requested is not None and requested != len(band_names):
-            raise ValueError(f"model.config.num_channels is {requested} but the data has {len(band_names)} bands "
-                             f"({band_names}); drop num_channels.")
-        # Load the start as it is, then adapt its stem to the data's bands.
-        model_settings = {**model_settings, "config": {**model_settings["config"],
-                                                       "num_channels": len(pretrained_bands)}}
+    `band_names` (the data's bands) the stem is adapted to them (`plan_band_adaptation`)."""
+    model_settings, pretrained_bands = plan_band_adaptation(model_settings, band_names)
     model_class = MODEL_CLASSES[model_settings["task"]]
     config = build_config(model_settings, class_names)
     if model_settings["pretrained"]:
@@ -452,7 +414,7 @@ def build_model(model_settings: dict, class_names: list[str] | None, band_names:
         model = model_class(config)
         report = {"source": "random initialisation", "dropped": [], "mismatched_reinitialised": [],
                   "newly_initialised": describe_new_weights(model.state_dict(), list_modules=False)}
-    if adapt:
+    if pretrained_bands:
         stem = [entry for entry in report["mismatched_reinitialised"] if "embeddings.stem.conv1.weight" in entry]
         if stem:
             raise ValueError(f"model.pretrained_bands lists {len(pretrained_bands)} bands ({pretrained_bands}) but "

@@ -8,6 +8,12 @@ GPUs run the same script. Settings come from the defaults below, then the YAML f
 overrides (`--key value` when only one section has the key, e.g. `--max_steps 100`, `--resume latest`,
 `--push_to_hub user/timo-mim`). `model.config` takes any `TiMoConfig` field (with `model.preset` as the base).
 
+Continued pre-training on other bands: where the start (`model.pretrained`) names its bands (its saved image
+processor, or `model.pretrained_bands`) and the data's image processor names its own, and the two differ but share
+a band, the stem and the decoder's pixel prediction are carried over band by band (`timo_hf.band_adaptation`):
+shared bands keep their weights, new ones start at zero (`model.new_band_weights: random` for the model's
+initialisation); `model.adapt_bands: false` turns this off.
+
 Writes under `training.output_dir`: `checkpoints/step_<N>` (`accelerator.save_state`, every `save_steps`, the
 newest `save_total_limit` kept), `logs/metrics.jsonl` (loss, lr, samples/s per step; TensorBoard too when
 installed), `loss_curve.png`, `run_summary.json` (final loss, parameter digests) and `model/` (the final
@@ -41,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import (  # noqa: E402
     CheckpointError,
+    check_band_settings,
     check_fields,
     config_fields,
     derive_seed,
@@ -54,6 +61,7 @@ from common import (  # noqa: E402
     open_checkpoints,
     optimizer_step,
     parse_cli_overrides,
+    plan_band_adaptation,
     plot_loss_curve,
     push_folder_to_hub,
     scaled_learning_rate,
@@ -65,7 +73,7 @@ from common import (  # noqa: E402
 )
 from pretrain_data import build_batches, load_data_state, make_processor, open_source, save_data_state  # noqa: E402
 
-from timo_hf import TiMoConfig, TiMoForMaskedImageModeling  # noqa: E402
+from timo_hf import TiMoConfig, TiMoForMaskedImageModeling, adapt_input_bands  # noqa: E402
 
 
 logger = logging.getLogger("timo_hf.pretrain")
@@ -75,6 +83,9 @@ DEFAULTS = {
         "preset": None,  # "base" | "large" | "huge": start from an official size
         "pretrained": None,  # a TiMoForMaskedImageModeling folder or Hub id to continue pre-training from
         "config": {},  # TiMoConfig fields (override the preset / the pretrained config)
+        "adapt_bands": True,  # input layers matched to the data's bands by name (see the module docstring)
+        "pretrained_bands": None,  # the start's bands in stem order; default: its image processor's band_names
+        "new_band_weights": "zeros",  # weights of bands the start has not seen: "zeros" | "random"
     },
     "data": {
         "source": "npy",  # "timo" (timo_hf.data.load_timo_dataset) | "npy" (folder of .npy series)
@@ -128,18 +139,26 @@ def parse_args(argv: list[str] | None = None) -> dict:
     args, rest = parser.parse_known_args(argv)
     settings = merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
     check_fields(settings["model"]["config"], config_fields(), "model.config")
+    check_band_settings(settings["model"])
     return settings
 
 
-def build_model(model_settings: dict) -> TiMoForMaskedImageModeling:
+def build_model(model_settings: dict, band_names: list[str] | None = None) -> TiMoForMaskedImageModeling:
+    """The model to pre-train; a `model.pretrained` start whose bands differ from the data's `band_names` has its
+    stem and pixel prediction carried over to them by band name (`plan_band_adaptation`)."""
+    model_settings, pretrained_bands = plan_band_adaptation(model_settings, band_names)
     overrides = dict(model_settings["config"])
     if model_settings["pretrained"]:
-        return TiMoForMaskedImageModeling.from_pretrained(model_settings["pretrained"], **overrides)
-    if model_settings["preset"]:
-        config = TiMoConfig.from_preset(model_settings["preset"], **overrides)
+        model = TiMoForMaskedImageModeling.from_pretrained(model_settings["pretrained"], **overrides)
+    elif model_settings["preset"]:
+        model = TiMoForMaskedImageModeling(TiMoConfig.from_preset(model_settings["preset"], **overrides))
     else:
-        config = TiMoConfig(**overrides)
-    return TiMoForMaskedImageModeling(config)
+        model = TiMoForMaskedImageModeling(TiMoConfig(**overrides))
+    if pretrained_bands:
+        bands = adapt_input_bands(model, pretrained_bands, band_names, model_settings["new_band_weights"])
+        logger.info("Stem and pixel prediction adapted to the data's bands: pre-trained %s, new %s, dropped %s",
+                    list(bands.kept), list(bands.new), list(bands.dropped))
+    return model
 
 
 def write_model_card(folder: Path, settings: dict, summary: dict, config: TiMoConfig) -> None:
@@ -210,17 +229,19 @@ def main(argv: list[str] | None = None) -> dict:
     set_seed(seed)
     checkpoints = open_checkpoints(accelerator, output_dir, training)
 
-    model = build_model(settings["model"])
+    source = open_source(data)
+    processor = make_processor(data, source)
+
+    model = build_model(settings["model"], processor.band_names)
     config = model.config
     if training["activation_checkpointing"]:
         model.activation_checkpointing_enable()
 
-    source = open_source(data)
-    processor = make_processor(data, source)
-
     world_size, rank = accelerator.num_processes, accelerator.process_index
     effective_batch = batch_size * accumulation * world_size
-    peak_lr = training["lr"] or scaled_learning_rate(training["base_lr"], effective_batch)
+    peak_lr = training["lr"]  # an explicit 0 too (a run that must not move the weights)
+    if peak_lr is None:
+        peak_lr = scaled_learning_rate(training["base_lr"], effective_batch)
 
     optimizer = torch.optim.AdamW(
         weight_decay_param_groups(model, training["weight_decay"]), lr=peak_lr, betas=tuple(training["betas"])
