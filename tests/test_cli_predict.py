@@ -509,6 +509,16 @@ def test_existing_output_is_refused_unless_overwrite(model_dir, scene_files, tmp
     assert rasterio.open(out).count == 1
 
 
+def test_a_missing_output_folder_is_created_and_the_rate_stays_readable(model_dir, scene_files, tmp_path, capsys):
+    from timo_hf.inference.pipeline import pixel_rate
+
+    out = tmp_path / "new" / "folder" / "map.tif"
+    assert main(predict_args(model_dir, scene_files, out, "--no-quicklook")) == 0
+    assert rasterio.open(out).count == 1
+    assert [pixel_rate(*case) for case in ((10_752, 3.2), (5_000_000, 2.0), (100, 1.0))] == [
+        "3.4 kpx/s", "2.50 Mpx/s", "100 px/s"]
+
+
 def test_an_interrupted_run_leaves_no_output(model_dir, scene_files, tmp_path, capsys, monkeypatch):
     calls = []
     original = TileSegmenter.__call__

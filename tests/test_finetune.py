@@ -425,6 +425,19 @@ def test_bad_settings_are_refused_with_a_clear_message():
         finetune.parse_args(["--config", TIME_TELLS, "--model.new_band_weights", "mean"])
 
 
+def test_the_saved_processor_names_the_data_bands_whatever_the_normalization():
+    """A preset without band names (the official reflectance x 1e-4) still gives a processor that names the bands
+    the examples carry, so that the fine-tuned model knows its bands (timo predict picks them by name)."""
+    import datasets
+
+    examples = datasets.Dataset.from_dict({"band_names": [["B2", "B3", "B4"]] * 2, "label": [0, 1]})
+    data = {**finetune.DEFAULTS["data"], "processor": {"normalization": "reflectance_1e4"}}
+    evaluation, training = finetune.build_processors(data, examples)
+    assert evaluation.band_names == training.band_names == ["B2", "B3", "B4"] and evaluation.image_std == 1e4
+    data = {**data, "processor": {"normalization": "s2_rgb"}}  # a preset's own bands win
+    assert finetune.build_processors(data, examples)[0].band_names == ["B4", "B3", "B2"]
+
+
 @pytest.mark.parametrize("padded_frames", ["leave_out", "keep"])
 def test_padded_frames_reach_the_model_only_when_kept(padded_frames):
     """`data.padded_frames`: the collated batch carries the processor's frame_mask (the model leaves padded frames

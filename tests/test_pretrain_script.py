@@ -200,6 +200,16 @@ def test_two_process_ddp_run_keeps_ranks_identical(tmp_path, corpus):
 
 
 # ---------------------------------------------------------------------------------------------- data and config
+def test_npy_series_named_by_data_band_names_give_a_model_that_knows_its_bands(tmp_path, corpus):
+    """Bare .npy series name no bands: `data.band_names` names them, and the saved image processor records them
+    (timo predict / timo embed pick the model's bands from files by these names)."""
+    import json
+
+    run_script(tmp_path / "named", corpus, "--max_steps", "1", "--data.band_names", "[B4, B3, B2]")
+    saved = json.loads((tmp_path / "named" / "model" / "preprocessor_config.json").read_text())
+    assert saved["band_names"] == ["B4", "B3", "B2"] and len(saved["image_mean"]) == 3
+
+
 def test_series_shorter_than_the_frame_draw(tmp_path):
     short = write_series(tmp_path / "short", 4, frames=2)
     with pytest.raises(ValueError, match="has 2 frames but data.num_frames = 3.*short_series: repeat"):

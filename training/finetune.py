@@ -260,6 +260,13 @@ def train_subset_indices(num_examples: int, fraction: float, seed: int) -> np.nd
     return np.sort(np.random.default_rng(seed).permutation(num_examples)[:count])
 
 
+def examples_band_names(dataset) -> list[str] | None:
+    """The bands the first example of `dataset` names, in order (None where it names none)."""
+    if "band_names" in dataset.column_names and len(dataset):
+        return dataset.select_columns(["band_names"])[0]["band_names"]
+    return None
+
+
 def build_processors(data: dict, train_dataset) -> tuple[TiMoImageProcessor, TiMoImageProcessor]:
     """(evaluation processor, training processor). `data.normalization_statistics` (`"train"`: computed on the
     training examples; or a JSON file of `timo_hf.data.compute_band_statistics`) sets the bands and their mean/std
@@ -276,6 +283,9 @@ def build_processors(data: dict, train_dataset) -> tuple[TiMoImageProcessor, TiM
     if statistics:
         settings = {"band_names": statistics["band_names"], "image_mean": statistics["image_mean"],
                     "image_std": statistics["image_std"], **settings}
+    if not settings.get("band_names") and not TiMoImageProcessor(**settings).band_names:
+        # The saved model must know its bands (timo predict picks them by name): the examples' own, in their order.
+        settings["band_names"] = examples_band_names(train_dataset)
     return TiMoImageProcessor(**settings), TiMoImageProcessor(**{**settings, **data["train_processor"]})
 
 
@@ -379,15 +389,6 @@ def load_original_weights(model, checkpoint) -> dict:
     new = set(expected) - set(loaded)
     return {"checkpoint_kind": kind, "loaded": len(loaded), "dropped": sorted(dropped),
             "mismatched_reinitialised": mismatched, "newly_initialised": describe_new_weights(new)}
-
-
-def data_bands(processor: TiMoImageProcessor, dataset) -> list[str] | None:
-    """The bands the model will see, in order: the processor's selection, else the examples' own."""
-    if processor.band_names:
-        return list(processor.band_names)
-    if "band_names" in dataset.column_names and len(dataset):
-        return dataset.select_columns(["band_names"])[0]["band_names"]
-    return None
 
 
 def build_model(model_settings: dict, class_names: list[str] | None, band_names: list[str] | None = None):
@@ -659,7 +660,7 @@ def main(argv: list[str] | None = None) -> dict:
     subset = train_subset_indices(len(train_full), data["train_fraction"], int(data["subset_seed"]))
     eval_processor, train_processor = build_processors(data, train_full.select(subset))
 
-    model, init_report = build_model(model_settings, dataset_classes, data_bands(eval_processor, train_full))
+    model, init_report = build_model(model_settings, dataset_classes, eval_processor.band_names)
     config = model.config
     if training["activation_checkpointing"]:
         model.activation_checkpointing_enable()

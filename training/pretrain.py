@@ -94,6 +94,7 @@ DEFAULTS = {
         "split": "train",
         "streaming": False,
         "options": {},  # builder options for load_timo_dataset (e.g. layout: npy, bands: [B4, B3, B2])
+        "band_names": None,  # the series' bands in order (.npy series name none); default: the examples' own
         "num_frames": 3,  # frames drawn per series per step (paper Table 8: 3 of 10); null = all frames
         "temporal_order": "sorted",  # "sorted" (chronological) | "random" (official draw order)
         "short_series": "error",  # series with fewer frames than num_frames: "error" | "repeat" (with replacement)

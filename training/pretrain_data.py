@@ -86,6 +86,18 @@ def open_source(data: dict):
 
 
 # ----------------------------------------------------------------------------------------------- transforms
+def series_band_names(data: dict, source) -> list[str] | None:
+    """The bands the model is pre-trained on, in order: `data.band_names`, else those the first example names (a
+    folder of bare `.npy` series names none: give them in `data.band_names`, in file order, so that the saved model
+    knows its bands, as `timo predict`, `timo embed` and fine-tuning need)."""
+    if data["band_names"]:
+        return list(data["band_names"])
+    if isinstance(source, NpySeriesFolder):
+        return None
+    example = source[0] if hasattr(source, "__len__") else next(iter(source))
+    return example.get("band_names")
+
+
 def make_processor(data: dict, source):
     """The `TiMoImageProcessor` that normalises (and resizes) the chosen frames.
 
@@ -99,9 +111,10 @@ def make_processor(data: dict, source):
 
     size = {"height": data["image_size"][0], "width": data["image_size"][1]} if data["image_size"] else None
     options = {"temporal_sampling": "all", "pad_frames": False, "size_divisor": None, "size": size}
+    names = series_band_names(data, source)
     if data["processor"]:
         processor = TiMoImageProcessor.from_pretrained(data["processor"])
-        for key, value in options.items():
+        for key, value in {**options, "band_names": processor.band_names or names}.items():
             if key != "size" or size is not None:
                 setattr(processor, key, value)
         return processor
@@ -110,9 +123,11 @@ def make_processor(data: dict, source):
         count = int(data["normalization_samples"])
         examples = (source[i] for i in range(min(count, len(source)))) if hasattr(source, "__len__") else source
         statistics = compute_band_statistics(examples, max_samples=count)
-        if isinstance(source, NpySeriesFolder):  # bare arrays: no band names to select by
-            statistics["band_names"] = None
+        if isinstance(source, NpySeriesFolder):  # bare arrays: named by data.band_names only
+            statistics["band_names"] = names
         return TiMoImageProcessor.from_statistics(statistics, **options)
+    if names:
+        options["band_names"] = names
     if setting == "none":
         return TiMoImageProcessor(**options)
     if isinstance(setting, str) and setting in NORMALIZATION_PRESETS:

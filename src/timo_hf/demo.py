@@ -114,7 +114,7 @@ def pretrain_config(sizes: Sizes, series: Path, statistics: dict, output: Path) 
     return {
         "model": {"config": {**MODEL_CONFIG, "mask_unit_size": 16, "mim_decoder_hidden_size": 32,
                              "mim_decoder_depth": 1, "mim_decoder_num_heads": 2}},
-        "data": {"source": "npy", "path": str(series), "num_frames": 3,
+        "data": {"source": "npy", "path": str(series), "num_frames": 3, "band_names": list(MODEL_BANDS),
                  "normalization": {"mean": statistics["image_mean"], "std": statistics["image_std"]}},
         "training": {"output_dir": str(output), "max_steps": sizes.pretrain_steps,
                      "per_device_batch_size": sizes.pretrain_batch, "lr": 1.5e-3, "warmup_steps": 10,

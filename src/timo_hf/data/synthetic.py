@@ -361,8 +361,12 @@ def main(argv=None) -> None:
     parser.add_argument("output_dir")
     parser.add_argument("--size", type=int, default=None, help="10 m image size in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="OPTION=JSON",
+                        help="another option of the dataset's writer, e.g. --set layout=npy --set num_locations=8")
     args = parser.parse_args(argv)
-    kwargs = {"seed": args.seed} | ({"size": args.size} if args.size else {})
+    from ..cli.convert import parse_overrides
+
+    kwargs = {"seed": args.seed} | ({"size": args.size} if args.size else {}) | parse_overrides(args.set)
     print(write_synthetic(args.dataset, args.output_dir, **kwargs))
 
 

@@ -87,6 +87,15 @@ def run_tiles(scene: Scene, grid: TileGrid, tile_model, channels: int, batch_siz
         bar.close()
 
 
+def pixel_rate(pixels: int, seconds: float) -> str:
+    """Pixels per second with a unit that keeps small scenes readable: '2.41 Mpx/s', '33.6 kpx/s', '950 px/s'."""
+    rate = pixels / max(seconds, 1e-9)
+    for unit, scale, digits in (("Mpx/s", 1e6, 2), ("kpx/s", 1e3, 1)):
+        if rate >= scale:
+            return f"{rate / scale:.{digits}f} {unit}"
+    return f"{rate:.0f} px/s"
+
+
 @dataclass
 class InferenceSummary:
     """What a run did; `format()` is the summary the command line prints."""
@@ -118,7 +127,7 @@ class InferenceSummary:
             f"scene         {self.scene}",
             f"tiles         {self.tiles} of {self.tile_size} px, overlap {self.overlap} px, on {self.device}",
             f"pixels        {self.pixels:,} ({valid:,} predicted, {self.missing_pixels:,} nodata)",
-            f"time          {self.seconds:.1f} s ({self.pixels / max(self.seconds, 1e-9) / 1e6:.2f} Mpx/s), "
+            f"time          {self.seconds:.1f} s ({pixel_rate(self.pixels, self.seconds)}), "
             f"peak memory {self.peak_memory_mb:.0f} MB",
         ]
         if self.aligned:

@@ -24,14 +24,14 @@ GDAL_CACHE_MB = 64
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """The output path, refusing an existing file unless `overwrite`, and a folder that does not exist."""
+    """The output path, refusing an existing file unless `overwrite` and a folder given as the file; its folder is
+    created where missing."""
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass --overwrite to replace it")
     if path.is_dir():
         raise ValueError(f"{path} is a folder; give a file name such as {path / 'map.tif'}")
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"the output folder {path.parent} does not exist")
+    path.parent.mkdir(parents=True, exist_ok=True)
     return path
 
 
