@@ -207,6 +207,23 @@ def test_heads_accept_flattened_time_and_channels(tiny_config_kwargs, model_clas
     assert torch.equal(five_d, four_d)
 
 
+@pytest.mark.parametrize("model_class", [TiMoForImageClassification, TiMoForSemanticSegmentation])
+def test_heads_return_tuples_when_the_config_says_so(tiny_config_kwargs, model_class):
+    """`return_dict=False` (in the config, as `from_pretrained(..., return_dict=False)` sets it, or in the call)
+    gives `(loss, logits, ...)` tuples equal to the output's fields."""
+    model = build(model_class, make_config(tiny_config_kwargs))
+    pixel_values = torch.randn(2, 3, 3, 64, 64)
+    labels = torch.randint(0, NUM_LABELS, (2,) if model_class is TiMoForImageClassification else (2, 64, 64))
+    with torch.no_grad():
+        expected = model(pixel_values, labels=labels)
+        in_call = model(pixel_values, labels=labels, return_dict=False)
+        model.config.return_dict = False
+        from_config = model(pixel_values, labels=labels)
+    for output in (in_call, from_config):
+        assert isinstance(output, tuple)
+        assert torch.equal(output[0], expected.loss) and torch.equal(output[1], expected.logits)
+
+
 def test_transformers_upernet_wraps_the_backbone_with_flattened_input(tiny_config_kwargs):
     """transformers' UperNetForSemanticSegmentation runs on TiMoBackbone when fed [B, T*C, H, W]: it segments every
     frame (logits [B*T, K, H, W], frame-major), without temporal fusion; 5-D input is rejected by its resize."""

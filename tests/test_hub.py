@@ -24,7 +24,7 @@ from transformers import (
 from transformers.dynamic_module_utils import get_imports, get_relative_import_files
 
 import timo_hf.modeling_timo
-from timo_hf import TiMoBackbone, TiMoConfig, TiMoModel
+from timo_hf import TiMoBackbone, TiMoConfig, TiMoImageProcessor, TiMoModel
 from timo_hf.modeling_timo import TiMoForImageClassification, TiMoForSemanticSegmentation
 
 
@@ -34,10 +34,11 @@ EXPECTED_AUTO_MAP = {
     "AutoBackbone": "modeling_timo.TiMoBackbone",
     "AutoModelForImageClassification": "modeling_timo.TiMoForImageClassification",
     "AutoModelForSemanticSegmentation": "modeling_timo.TiMoForSemanticSegmentation",
+    "AutoModelForMaskedImageModeling": "modeling_timo_mim.TiMoForMaskedImageModeling",
 }
 
 
-# modeling_timo.py and every module it imports relatively (configuration_timo.py, attention kernels...)
+# modeling_timo.py and every module it imports relatively (configuration_timo.py, attention kernels, the MIM model...)
 MODULE_FILES = sorted(
     {Path(timo_hf.modeling_timo.__file__).name}
     | {Path(f).name for f in get_relative_import_files(timo_hf.modeling_timo.__file__)}
@@ -116,7 +117,8 @@ def test_saved_folder_carries_complete_remote_code(tmp_path, config):
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["auto_map"] == EXPECTED_AUTO_MAP
     assert saved["architectures"] == ["TiMoForSemanticSegmentation"]
-    assert {"modeling_timo.py", "configuration_timo.py", "attention_timo.py"} <= set(MODULE_FILES)
+    shipped = {"modeling_timo.py", "configuration_timo.py", "attention_timo.py", "modeling_timo_mim.py"}
+    assert shipped <= set(MODULE_FILES)
     assert sorted(p.name for p in tmp_path.glob("*.py")) == MODULE_FILES
     # The copied modules may only import torch, transformers (and its huggingface_hub) and the standard library.
     allowed = {"torch", "transformers", "huggingface_hub", *sys.stdlib_module_names}
@@ -135,7 +137,8 @@ REMOTE_CODE_CHECK = textwrap.dedent(
     else:
         raise SystemExit("timo_hf must not be importable here, got " + timo_hf.__file__)
     import torch
-    from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation
+    from transformers import (AutoConfig, AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling,
+                              AutoModelForSemanticSegmentation)
     folder = sys.argv[1]
     try:
         AutoModelForSemanticSegmentation.from_pretrained(folder)
@@ -151,7 +154,10 @@ REMOTE_CODE_CHECK = textwrap.dedent(
     assert torch.equal(logits, reference["logits"]), (logits - reference["logits"]).abs().max()
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     bare = AutoModel.from_pretrained(folder, trust_remote_code=True)
-    print("REMOTE-CODE-OK", type(config).__name__, type(model).__name__, type(bare).__name__)
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    assert processor.band_names == ["B4", "B3", "B2"], processor.band_names
+    mim = AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True)
+    print("REMOTE-CODE-OK", *(type(item).__name__ for item in (config, model, bare, processor, mim)))
     """
 )
 
@@ -162,6 +168,7 @@ def test_remote_code_loads_where_timo_hf_is_not_importable(tmp_path, config):
     folder = tmp_path / "timo-seg"
     model = build(TiMoForSemanticSegmentation, config)
     model.save_pretrained(folder)
+    TiMoImageProcessor(normalization="rgb_uint8").save_pretrained(folder)
     pixel_values = torch.randn(1, 2, 3, 32, 40)
     torch.save({"pixel_values": pixel_values, "logits": logits_of(model, pixel_values)}, folder / "reference.pt")
     script = tmp_path / "check_remote_code.py"
@@ -182,7 +189,8 @@ def test_remote_code_loads_where_timo_hf_is_not_importable(tmp_path, config):
         timeout=300,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "REMOTE-CODE-OK TiMoConfig TiMoForSemanticSegmentation TiMoModel" in result.stdout
+    assert ("REMOTE-CODE-OK TiMoConfig TiMoForSemanticSegmentation TiMoModel TiMoImageProcessor "
+            "TiMoForMaskedImageModeling") in result.stdout
 
 
 class OfflineHub:

@@ -144,6 +144,27 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_config_kwargs):
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
 
 
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_counts_each_batch_once_in_batchnorm(tiny_config_kwargs, reentrant):
+    """The recomputation in backward normalises as the forward did but leaves BatchNorm's running statistics (the
+    D-STGA offsets') as one step of training leaves them without checkpointing: counted once, momentum 0.1."""
+    import copy
+
+    torch.manual_seed(0)
+    plain = TiMoModel(TiMoConfig(**tiny_config_kwargs)).train()
+    checkpointed = copy.deepcopy(plain)
+    checkpointed.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+    pixel_values = torch.randn(2, 3, 3, 32, 32)
+    for model in (plain, checkpointed):
+        model(pixel_values).last_hidden_state.square().mean().backward()
+    norm = checkpointed.encoder.stages[0].layers[0].attention.query_offset.norm
+    assert int(norm.num_batches_tracked) == 1
+    for (name, a), b in zip(plain.named_buffers(), checkpointed.buffers()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(plain.named_parameters(), checkpointed.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_drop_path_rates_increase_linearly(tiny_config_kwargs):
     model = TiMoModel(TiMoConfig(drop_path_rate=0.3, **tiny_config_kwargs))
     rates = [layer.drop_path.drop_prob for stage in model.encoder.stages for layer in stage.layers]

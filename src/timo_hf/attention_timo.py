@@ -16,6 +16,8 @@ These kernels materialise the `[T, N, T + N]` logits of every frame and mirror t
 term; they are the ground truth that faster kernels are tested against.
 """
 
+import types
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -114,6 +116,33 @@ def dstga_reference(
     return joint_softmax_aggregate(temporal_logits(query, key), spatial, value)
 
 
+# `active` while activation checkpointing runs a block's forward again in backward (`recompute_marked`): that pass
+# must normalise exactly as the first one did, without counting the batch into BatchNorm's running statistics again.
+# A plain attribute rather than a ContextVar: torch.compile traces (and guards on) it without a graph break.
+RECOMPUTATION = types.SimpleNamespace(active=False)
+
+
+def recompute_marked(checkpoint_func):
+    """`checkpoint_func` (e.g. `torch.utils.checkpoint.checkpoint`, reentrant or not) whose later calls of the
+    checkpointed function, the recomputation in backward, run with `RECOMPUTATION.active` set."""
+
+    def run(function, *args, **kwargs):
+        calls = 0
+
+        def marked(*inner_args, **inner_kwargs):
+            nonlocal calls
+            calls += 1
+            previous, RECOMPUTATION.active = RECOMPUTATION.active, calls > 1
+            try:
+                return function(*inner_args, **inner_kwargs)
+            finally:
+                RECOMPUTATION.active = previous
+
+        return checkpoint_func(marked, *args, **kwargs)
+
+    return run
+
+
 class TiMoQueryOffset(nn.Module):
     """D-STGA's per-query offset: `ReLU(BatchNorm1d(w . (q(t, n) - q_med(n))))`, one scalar per query.
 
@@ -132,7 +161,13 @@ class TiMoQueryOffset(nn.Module):
     def normalize(self, deviation: torch.Tensor) -> torch.Tensor:
         """`ReLU(BatchNorm1d(deviation))` of the projected deviations `w . (q - q_med)`, any shape."""
         # One channel: the rows as the length of a single sample normalise exactly as rows of a batch, faster.
-        return F.relu(self.norm(deviation.reshape(1, 1, -1))).view(deviation.shape)
+        rows, norm = deviation.reshape(1, 1, -1), self.norm
+        if norm.training and RECOMPUTATION.active:  # the batch's statistics again; momentum 0 keeps the running ones
+            normalized = F.batch_norm(rows, norm.running_mean, norm.running_var, norm.weight, norm.bias, True, 0.0,
+                                      norm.eps)
+        else:
+            normalized = norm(rows)
+        return F.relu(normalized).view(deviation.shape)
 
     @staticmethod
     def projects_separately(query: torch.Tensor) -> bool:

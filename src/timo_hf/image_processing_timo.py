@@ -303,6 +303,8 @@ class TiMoImageProcessor(BaseImageProcessor):
     def to_dict(self) -> dict:
         output = {key: getattr(self, key) for key in self._CONFIG_KEYS}
         output["image_processor_type"] = type(self).__name__
+        if getattr(self, "auto_map", None):  # set by save_pretrained for remote code: AutoImageProcessor needs it
+            output["auto_map"] = self.auto_map
         return output
 
     @classmethod

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import get_relative_import_files
@@ -24,7 +25,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .attention_fast import STGA_IMPLEMENTATIONS
-from .attention_timo import TiMoQueryOffset, unpack
+from .attention_timo import TiMoQueryOffset, recompute_marked, unpack
 from .configuration_timo import TiMoConfig
 from .frame_masks import check_frame_mask, frame_groups, mean_over_kept_frames, scatter_frames
 
@@ -403,6 +404,12 @@ class TiMoPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=checkpoint,
+                                    every_n_layers: int = 1):
+        """As transformers does, with the recomputation in backward marked, so that the D-STGA offset's BatchNorm
+        does not update its running statistics twice per step (`attention_timo.recompute_marked`)."""
+        super()._set_gradient_checkpointing(enable, recompute_marked(gradient_checkpointing_func), every_n_layers)
+
     def _init_weights(self, module: nn.Module) -> None:
         """Official initialisation: linear layers truncated normal (std `initializer_range`), zero biases;
         convolutions normal with std `sqrt(2 / fan_out)`; norms ones and zeros."""
@@ -445,6 +452,10 @@ def remote_code_auto_map(model: PreTrainedModel) -> dict[str, str]:
     """`auto_map` for the folder `model` is saved to: every TiMo class registered for an Auto class whose module
     file `save_pretrained` copies (the model's module and its relative imports), e.g.
     `{"AutoConfig": "configuration_timo.TiMoConfig", "AutoModel": "modeling_timo.TiMoModel", ...}`."""
+    # Every folder ships the masked-image-modelling module too (transformers copies the files of relative imports),
+    # so that pre-training continues from any TiMo folder through AutoModelForMaskedImageModeling.
+    from .modeling_timo_mim import TiMoForMaskedImageModeling  # noqa: F401
+
     module_file = sys.modules[type(model).__module__].__file__
     shipped = {Path(module_file).resolve()} | {Path(f).resolve() for f in get_relative_import_files(module_file)}
     auto_map = {}
@@ -763,6 +774,7 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
             temporal_positions=temporal_positions,
             frame_mask=frame_mask,
             output_hidden_states=output_hidden_states,
+            return_dict=True,  # the encoder's fields are read below, whatever config.return_dict says
         )
         frame_mask = outputs.frame_mask
         per_frame = self.config.classifier_pooling == "per_frame"
@@ -936,9 +948,8 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
         ```
         """
         batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
-        outputs = self.timo(
-            pixel_values, temporal_positions=temporal_positions, frame_mask=frame_mask, output_hidden_states=True
-        )
+        outputs = self.timo(pixel_values, temporal_positions=temporal_positions, frame_mask=frame_mask,
+                            output_hidden_states=True, return_dict=True)
         frame_mask = outputs.frame_mask
 
         def kept_frames(maps):  # [B, T, ...] -> [frames, ...]
