@@ -222,6 +222,7 @@ def test_initialisation_from_timo_folders_reports_new_heads_and_offset_branches(
     TiMoForMaskedImageModeling(TiMoConfig(**TINY)).save_pretrained(tmp_path / "mim")
 
     model, report = finetune.build_model(model_settings(pretrained=str(tmp_path / "encoder")), ["a", "b", "c"])
+    assert "LOAD REPORT" not in caplog.text  # transformers' per-key table; the script logs a summary instead
     new = report["newly_initialised"]
     assert new["head"]["tensors"] > 0 and new["offset_branches"]["tensors"] == 0 and new["other"]["tensors"] == 0
     assert "classifier" in new["head"]["modules"]
@@ -255,6 +256,11 @@ def official_mae(tmp_path):
     config = {"hidden_sizes": [32, 64, 128, 256], "num_heads": [2, 4, 8, 16], "depths": [1, 1, 1, 1],
               "num_labels": 4}
     return golden, checkpoint, config
+
+
+def test_an_unreachable_start_says_what_to_give_instead(tmp_path):
+    with pytest.raises(OSError, match=r"model.pretrained .* could not be loaded .* --model.pretrained null"):
+        finetune.build_model(model_settings(pretrained=str(tmp_path / "no-such-model")), None)
 
 
 def test_initialisation_from_an_official_pretraining_checkpoint(official_mae):

@@ -233,6 +233,26 @@ def test_configuration_merging_and_overrides():
         common.merge_config(pretrain.DEFAULTS, {}, {"nonsense": 1})
 
 
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--help"])
+    shown = capsys.readouterr().out
+    for section, values in pretrain.DEFAULTS.items():
+        for key in values:
+            assert f"--{section}.{key} " in shown
+    assert '--training.base_lr 0.00015' in shown and '--data.source "npy"' in shown
+
+
+def test_a_loss_curve_of_one_logged_step_shows_the_point(tmp_path):
+    """A very short run logs one loss: the curve must still show it (a line through one point draws nothing)."""
+    from matplotlib.image import imread
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+    image = imread(common.plot_loss_curve(tmp_path / "metrics.jsonl", tmp_path / "loss.png"))
+    line_colour = np.array([0x1F, 0x77, 0xB4]) / 255  # matplotlib's first colour (C0)
+    assert (np.abs(image[..., :3] - line_colour).max(axis=-1) < 0.05).sum() > 4
+
+
 def test_optimizer_groups_and_schedule():
     model = pretrain.build_model({**pretrain.DEFAULTS["model"], "config": {
         "hidden_sizes": [16, 32, 48, 64], "num_heads": [2, 2, 4, 4], "depths": [1, 1, 1, 1],

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import dataclasses
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 import yaml
 from accelerate.tracking import GeneralTracker
+from transformers.utils import logging as transformers_logging
 
 from timo_hf import TiMoConfig, TiMoImageProcessor
 from timo_hf.band_adaptation import NEW_BAND_WEIGHTS
@@ -149,6 +151,30 @@ def plan_band_adaptation(model_settings: dict, band_names: list[str] | None) -> 
                          f"({band_names}); drop num_channels.")
     config = {**model_settings["config"], "num_channels": len(pretrained_bands)}
     return {**model_settings, "config": config}, pretrained_bands
+
+
+@contextlib.contextmanager
+def without_load_report():
+    """Silence transformers' per-key report of a `from_pretrained` whose summary the script logs itself (the newly
+    initialised groups): dozens of lines per head otherwise."""
+    previous = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(previous)
+
+
+def settings_parser(description: str, defaults: dict, script: str) -> argparse.ArgumentParser:
+    """The script's argument parser: `--config` and, in `--help`, every `--section.key` setting with its default
+    (the comments beside DEFAULTS in `script` say what each does)."""
+    lines = [f"settings (--section.key value; the comments beside DEFAULTS in {script} explain them):"]
+    for section, values in defaults.items():
+        lines += [f"  --{section}.{key} {json.dumps(value)}" for key, value in values.items()]
+    parser = argparse.ArgumentParser(description=description, epilog="\n".join(lines),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="YAML file with model / data / training sections")
+    return parser
 
 
 def merge_config(defaults: dict, file_config: dict | None, overrides: dict[str, object]) -> dict:
@@ -393,7 +419,9 @@ def plot_loss_curve(metrics_path: str | os.PathLike, png_path: str | os.PathLike
     if not records:
         return None
     figure, axis = plt.subplots(figsize=(6, 4), dpi=100)
-    axis.plot([r["step"] for r in records], [r[key] for r in records], linewidth=1.2)
+    # Markers where there are few points: a line through one point draws nothing.
+    axis.plot([r["step"] for r in records], [r[key] for r in records], linewidth=1.2,
+              marker="o" if len(records) <= 20 else None, markersize=3)
     axis.set_xlabel("optimizer step")
     axis.set_ylabel(key)
     axis.set_title(f"{key} per step")

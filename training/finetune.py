@@ -50,7 +50,6 @@ pushed with `--push_to_hub <repo>`.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -93,9 +92,11 @@ from common import (  # noqa: E402
     push_folder_to_hub,
     scaled_learning_rate,
     set_learning_rate,
+    settings_parser,
     truncate_logs_after,
     warmup_cosine_lr,
     weight_decay_param_groups,
+    without_load_report,
 )
 from pretrain_data import EpochBatchPlan  # noqa: E402
 
@@ -191,8 +192,7 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="YAML file with model / data / training sections")
+    parser = settings_parser(__doc__.split("\n\n")[0], DEFAULTS, "training/finetune.py")
     args, rest = parser.parse_known_args(argv)
     settings = merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
     if settings["model"]["task"] not in MODEL_CLASSES:
@@ -330,7 +330,12 @@ def build_config(model_settings: dict, class_names: list[str] | None) -> TiMoCon
         overrides["id2label"] = {index: name for index, name in enumerate(class_names)}
         overrides["label2id"] = {name: index for index, name in enumerate(class_names)}
     if model_settings["pretrained"]:
-        return TiMoConfig.from_pretrained(model_settings["pretrained"], **overrides)
+        try:
+            return TiMoConfig.from_pretrained(model_settings["pretrained"], **overrides)
+        except OSError as error:
+            raise OSError(f"model.pretrained {model_settings['pretrained']!r} could not be loaded ({error}). Give a "
+                          "local timo_hf folder (e.g. written by timo convert), a Hub id reachable from here, or "
+                          "--model.pretrained null for random initialisation.") from error
     if model_settings["preset"]:
         return TiMoConfig.from_preset(model_settings["preset"], **overrides)
     return TiMoConfig(**overrides)
@@ -398,9 +403,10 @@ def build_model(model_settings: dict, class_names: list[str] | None, band_names:
     model_class = MODEL_CLASSES[model_settings["task"]]
     config = build_config(model_settings, class_names)
     if model_settings["pretrained"]:
-        model, info = model_class.from_pretrained(
-            model_settings["pretrained"], config=config, output_loading_info=True, ignore_mismatched_sizes=True
-        )
+        with without_load_report():  # log_initialisation summarises it
+            model, info = model_class.from_pretrained(
+                model_settings["pretrained"], config=config, output_loading_info=True, ignore_mismatched_sizes=True
+            )
         mismatched = [f"{key}: checkpoint {tuple(old)} vs model {tuple(new)}"
                       for key, old, new in info["mismatched_keys"]]
         report = {"source": f"pretrained {model_settings['pretrained']}", "dropped": sorted(info["unexpected_keys"]),

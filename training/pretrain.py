@@ -29,7 +29,6 @@ time-limited jobs that resume later).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -66,6 +65,7 @@ from common import (  # noqa: E402
     push_folder_to_hub,
     scaled_learning_rate,
     set_learning_rate,
+    settings_parser,
     state_digest,
     truncate_logs_after,
     warmup_cosine_lr,
@@ -135,8 +135,7 @@ DEFAULTS = {
 
 
 def parse_args(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], add_help=True)
-    parser.add_argument("--config", default=None, help="YAML file with model / data / training sections")
+    parser = settings_parser(__doc__.split("\n\n")[0], DEFAULTS, "training/pretrain.py")
     args, rest = parser.parse_known_args(argv)
     settings = merge_config(DEFAULTS, load_yaml(args.config), parse_cli_overrides(rest))
     check_fields(settings["model"]["config"], config_fields(), "model.config")
