@@ -143,6 +143,7 @@ def test_info_reports_config_parameters_and_flops(segmentation_dir, capsys):
     assert main(["info", str(segmentation_dir), "--height", "128", "--frames", "6"]) == 0
     text = capsys.readouterr().out
     assert "(1, 6, 3, 128, 128)" in text and "parameters" in text and "D-M-M-M" in text
+    assert "labels       3: water; forest; crop " in text  # names may hold commas ("groves, hedges")
 
 
 def test_info_of_a_preset_matches_the_papers_flops(capsys):

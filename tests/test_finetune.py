@@ -431,6 +431,19 @@ def test_bad_settings_are_refused_with_a_clear_message():
         finetune.parse_args(["--config", TIME_TELLS, "--model.new_band_weights", "mean"])
 
 
+def test_quicklooks_draw_classes_in_the_colours_of_timo_predict(tmp_path):
+    from matplotlib.image import imread
+
+    from timo_hf.inference.quicklook import class_colormap
+
+    look = {"pixel_values": torch.rand(2, 3, 16, 16), "labels": torch.full((16, 16), 2),
+            "predictions": torch.full((16, 16), 2), "sample_id": "patch"}
+    [path] = finetune.save_quicklooks([look], ["B4", "B3", "B2"], ["a", "b", "c"], tmp_path, "segmentation")
+    image = imread(path)[..., :3]
+    class_two = np.array(class_colormap(3)[2][:3]) / 255
+    assert (np.abs(image - class_two).max(axis=-1) < 0.02).sum() > 2 * 100  # both maps (and the legend's patch)
+
+
 def test_the_saved_processor_names_the_data_bands_whatever_the_normalization():
     """A preset without band names (the official reflectance x 1e-4) still gives a processor that names the bands
     the examples carry, so that the fine-tuned model knows its bands (timo predict picks them by name)."""

@@ -109,6 +109,7 @@ from timo_hf.convert_original import (  # noqa: E402
 )
 from timo_hf.band_adaptation import adapt_input_bands  # noqa: E402
 from timo_hf.image_processing_timo import TiMoImageProcessor  # noqa: E402
+from timo_hf.inference.quicklook import class_listed_colormap  # noqa: E402
 from timo_hf.metrics import ConfusionMatrix  # noqa: E402
 from timo_hf.modeling_timo import (  # noqa: E402
     CLASSIFICATION_IGNORE_INDEX,
@@ -565,11 +566,14 @@ def display_bands(band_names: list[str] | None, num_channels: int) -> list[int]:
 
 
 def save_quicklooks(quicklooks: list[dict], band_names, class_names: list[str], folder: Path, task: str) -> list[Path]:
-    """One PNG per sample: every input frame as RGB (2-98% stretch), the ground truth and the prediction."""
+    """One PNG per sample: every input frame as RGB (2-98% stretch), the ground truth and the prediction, classes
+    in the colours of `timo predict`'s quicklooks, with a legend."""
     plt = pyplot()
+    from matplotlib.patches import Patch
 
     folder.mkdir(parents=True, exist_ok=True)
-    cmap = plt.get_cmap("tab20", max(len(class_names), 2))
+    cmap = class_listed_colormap(max(len(class_names), 1))
+    legend = [Patch(color=cmap(index), label=name) for index, name in enumerate(class_names)]
     paths = []
     for look in quicklooks:
         pixels = look["pixel_values"].float().numpy()  # [T, C, H, W]
@@ -580,7 +584,9 @@ def save_quicklooks(quicklooks: list[dict], band_names, class_names: list[str], 
         per_frame_maps = task == "segmentation" and labels.ndim == 3
         columns = len(frames) + (0 if per_frame_maps or task == "classification" else 2)
         rows = 3 if per_frame_maps else 1
-        figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns, 2.3 * rows), dpi=100, squeeze=False)
+        legend_inches = 1.8 if task == "segmentation" else 0.0
+        figure, axes = plt.subplots(rows, columns, figsize=(2.2 * columns + legend_inches, 2.3 * rows), dpi=100,
+                                    squeeze=False)
         for t, frame in enumerate(frames):
             axes[0, t].imshow(frame)
             title = f"frame {t}"
@@ -603,7 +609,9 @@ def save_quicklooks(quicklooks: list[dict], band_names, class_names: list[str], 
         for axis in axes.flat:
             axis.set_axis_off()
         figure.suptitle(str(look["sample_id"]), fontsize=8)
-        figure.tight_layout()
+        if legend_inches:
+            figure.legend(handles=legend, loc="center right", fontsize=7, frameon=False)
+        figure.tight_layout(rect=(0, 0, 1 - legend_inches / figure.get_figwidth(), 1))
         path = folder / f"{len(paths):02d}_{_safe(look['sample_id'])}.png"
         figure.savefig(path)
         plt.close(figure)

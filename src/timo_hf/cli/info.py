@@ -91,7 +91,7 @@ def format_summary(name: str, summary: dict) -> str:
     ]
     if "labels" in summary:
         head = summary["head"]
-        lines.append(f"labels       {len(summary['labels'])}: {', '.join(map(str, summary['labels']))} "
+        lines.append(f"labels       {len(summary['labels'])}: {'; '.join(map(str, summary['labels']))} "
                      f"(temporal fusion {head['temporal_fusion']}, UperNet width {head['uper_hidden_size']})")
     processor = summary.get("processor")
     if processor:

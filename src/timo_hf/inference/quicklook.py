@@ -29,6 +29,15 @@ def class_colormap(num_classes: int) -> dict[int, tuple[int, int, int, int]]:
     return {i: tuple(int(round(255 * c)) for c in color[:3]) + (255,) for i, color in enumerate(colors)}
 
 
+def class_listed_colormap(num_classes: int):
+    """`class_colormap` as a matplotlib colormap indexed by class (for `imshow(..., vmin=0, vmax=num_classes - 1)`),
+    so that every figure of the package draws a class in the same colour."""
+    from matplotlib.colors import ListedColormap
+
+    colors = class_colormap(num_classes)
+    return ListedColormap([np.asarray(colors[i][:3]) / 255 for i in range(num_classes)])
+
+
 def write_quicklook(
     map_path: str | os.PathLike,
     png_path: str | os.PathLike,
