@@ -509,6 +509,13 @@ def test_existing_output_is_refused_unless_overwrite(model_dir, scene_files, tmp
     assert rasterio.open(out).count == 1
 
 
+def test_quiet_shows_no_progress_bar_not_even_the_model_loading_one(model_dir, scene_files, tmp_path, capfd):
+    assert main(predict_args(model_dir, scene_files, tmp_path / "map.tif", "--no-quicklook", "--quiet")) == 0
+    printed = capfd.readouterr()
+    assert "Loading weights" not in printed.err and "%|" not in printed.err
+    assert "pixels" in printed.out  # the summary is still printed
+
+
 def test_a_missing_output_folder_is_created_and_the_rate_stays_readable(model_dir, scene_files, tmp_path, capsys):
     from timo_hf.inference.pipeline import pixel_rate
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import sys
+
+from transformers.utils import logging as transformers_logging
 
 from ..data.raster import RESAMPLING
 from ..inference.inputs import STACK_LAYOUTS, resolve_inputs
@@ -134,6 +137,19 @@ def default_overlap(tile_size: int, requested: int | None, multiple: int = 1) ->
     if requested is not None:
         return requested
     return min(max(multiple, (tile_size // 4) // multiple * multiple), tile_size - multiple)
+
+
+@contextlib.contextmanager
+def loading_bars(shown: bool):
+    """transformers' "Loading weights" progress bar while a model loads, off with --quiet (then restored)."""
+    was_enabled = transformers_logging.is_progress_bar_enabled()
+    if not shown:
+        transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            transformers_logging.enable_progress_bar()
 
 
 def reports_errors(run):

@@ -8,7 +8,14 @@ from ..inference.loading import inference_processor, load_encoder
 from ..inference.pipeline import embed_scene, write_summary_json
 from ..inference.tile_models import TEMPORAL_POOLING, TileEmbedder, pick_device, stage_stride
 from ..inference.writer import check_output_path
-from ._common import add_scene_arguments, default_overlap, default_tile_size, open_scene, reports_errors
+from ._common import (
+    add_scene_arguments,
+    default_overlap,
+    default_tile_size,
+    loading_bars,
+    open_scene,
+    reports_errors,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -33,7 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)  # before the (slow) model loading
-    model = load_encoder(args.model)
+    with loading_bars(not args.quiet):
+        model = load_encoder(args.model)
     stage = args.stage or model.config.stage_names[-1]
     stride = stage_stride(model.config, stage)
     processor, scene = open_scene(args, model.config.num_channels)

@@ -8,7 +8,14 @@ from ..inference.loading import inference_processor, load_segmentation_model
 from ..inference.pipeline import default_companion, predict_scene, write_summary_json
 from ..inference.tile_models import TileSegmenter, pick_device
 from ..inference.writer import check_output_path
-from ._common import add_scene_arguments, default_overlap, default_tile_size, open_scene, reports_errors
+from ._common import (
+    add_scene_arguments,
+    default_overlap,
+    default_tile_size,
+    loading_bars,
+    open_scene,
+    reports_errors,
+)
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -34,7 +41,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 @reports_errors
 def run(args: argparse.Namespace) -> int:
     output = check_output_path(args.out, args.overwrite)  # before the (slow) model loading
-    model = load_segmentation_model(args.model)
+    with loading_bars(not args.quiet):
+        model = load_segmentation_model(args.model)
     processor, scene = open_scene(args, model.config.num_channels)
     with scene:
         tile_size = default_tile_size(processor, args.tile_size)
