@@ -8,14 +8,7 @@ from ..inference.loading import inference_processor, load_encoder
 from ..inference.pipeline import embed_scene, write_summary_json
 from ..inference.tile_models import TEMPORAL_POOLING, TileEmbedder, pick_device, stage_stride
 from ..inference.writer import check_output_path
-from ._common import (
-    add_scene_arguments,
-    default_overlap,
-    default_tile_size,
-    loading_bars,
-    open_scene,
-    reports_errors,
-)
+from ._common import add_scene_arguments, default_overlap, default_tile_size, loading_bars, open_scene, reports_errors
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
