@@ -149,7 +149,8 @@ def finetuned_card(results: dict, settings: dict, processor: dict, config: dict,
         ]
     metadata = ModelCardData(
         library_name="transformers", pipeline_tag=PIPELINE_TAGS[task], license="unknown",
-        tags=TAGS + [task, "timo-finetuned"], datasets=[dataset_type], base_model=pretrained or None,
+        tags=TAGS + [task, "timo-finetuned"], datasets=[dataset_type],
+        base_model=pretrained if pretrained and not Path(pretrained).exists() else None,  # Hub ids only
         model_name=(Path(repo_id).name if training["push_to_hub"] else f"timo-{dataset_type}-{task}")
         if eval_results else None, eval_results=eval_results or None,
     )

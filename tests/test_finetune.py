@@ -342,6 +342,7 @@ def test_fine_tuning_run_adapts_the_stem_to_the_data_bands(tmp_path):
                   "--max_steps", "1", "--lr", "0", "--num_quicklooks", "0", "--output_dir", str(tmp_path / "out"))
     assert results["initialisation"]["bands"] == {"kept": ["B4", "B3", "B2"], "new": [], "dropped": []}
     card = (tmp_path / "out" / "model" / "README.md").read_text()
+    assert "base_model" not in card.split("---")[1]  # a local start is no Hub model to link to
     assert ("stem adapted to the data's bands (pre-trained filters kept for B4, B3, B2; new: none; dropped: none)"
             in card)
     saved = load_file(tmp_path / "out" / "model" / "model.safetensors")["timo.embeddings.stem.conv1.weight"]
