@@ -37,3 +37,12 @@ def test_labels_are_learnable_from_pixels(raw_roots, tmp_path):
     centroids = np.stack([features[labels == c].mean(axis=0) for c in classes])
     predicted = classes[np.argmin(((features[:, None] - centroids[None]) ** 2).sum(-1), axis=1)]
     assert len(classes) > 1 and (predicted == labels).mean() > 0.9
+
+
+def test_the_command_passes_other_writer_options(tmp_path, capsys):
+    from timo_hf.data.synthetic import main
+
+    main(["millionst", str(tmp_path), "--size", "24", "--set", "layout=npy", "--set", "num_locations=2"])
+    series = sorted(tmp_path.glob("*.npy"))
+    assert [path.name for path in series] == ["000000.npy", "000001.npy"]
+    assert np.load(series[0]).shape == (10, 3, 24, 24) and str(tmp_path) in capsys.readouterr().out
