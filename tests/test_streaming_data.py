@@ -21,6 +21,7 @@ from timo_hf.data.parquet import export_to_parquet
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "training"))
 
+import pretrain  # noqa: E402
 import pretrain_data  # noqa: E402
 from pretrain_data import (  # noqa: E402
     StreamingBatches,
@@ -37,10 +38,11 @@ SHAPE = (4, 2, 32, 32)  # [T, C, H, W]
 
 
 def data_settings(shuffle_buffer: int = 5, stream_resume: str = "exact") -> dict:
+    """`data` settings of training/pretrain.py for these tests (its defaults, then the tests' choices)."""
     return {
-        "num_frames": 2, "temporal_order": "sorted", "short_series": "error", "image_size": None,
-        "processor": None, "normalization": "none", "normalization_samples": 4, "shuffle_buffer": shuffle_buffer,
-        "num_workers": 0, "stream_resume": stream_resume,
+        **pretrain.DEFAULTS["data"], "num_frames": 2, "temporal_order": "sorted", "short_series": "error",
+        "image_size": None, "processor": None, "normalization": "none", "normalization_samples": 4,
+        "shuffle_buffer": shuffle_buffer, "num_workers": 0, "stream_resume": stream_resume,
     }
 
 
