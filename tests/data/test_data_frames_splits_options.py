@@ -39,6 +39,15 @@ def test_min_frames_counts_the_dates_available_before_num_frames(raw_roots):
         stream("millionst", raw_roots["millionst_npy"], num_frames=3, min_frames=11)
 
 
+def test_multiearth_min_frames_counts_the_dates_available_before_num_frames(raw_roots):
+    """Every synthetic location has 2 dated images: `min_frames=2` keeps them all with `num_frames=1`, `min_frames=3`
+    skips them all, whatever `num_frames` keeps."""
+    kept = stream("multiearth", raw_roots["multiearth"], num_frames=1, min_frames=2)
+    assert kept and all(len(example["dates"]) == 1 for example in kept)
+    with pytest.raises(FileNotFoundError, match="2 dates found, at least 3 required"):
+        stream("multiearth", raw_roots["multiearth"], num_frames=1, min_frames=3)
+
+
 @pytest.mark.parametrize("count", [2, 1])
 def test_kurosiwo_num_frames_keeps_the_flood_image_and_the_latest_pre_event_images(raw_roots, count):
     full = stream("kurosiwo", raw_roots["kurosiwo"])

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import datasets
 
 from . import netcdf
-from .base import RawSample, SampleRef, TiMoBuilderConfig, TiMoRawBuilder, parse_date
+from .base import RawSample, SampleRef, TiMoBuilderConfig, TiMoRawBuilder, parse_date, require_dates
 from .faults import FaultKind, SampleError
 from .raster import GeoInfo, read_raster, stack_planes
 from .splits import split_by_counts
@@ -73,7 +73,8 @@ class MultiEarth(TiMoRawBuilder):
     Date matching (``pairing="mask"``, default): one example per mask (location, month). Its frames are the
     images of that location acquired in the mask's calendar month (plus the ``window_months`` months before);
     when there are more than ``num_frames`` (default 3, TiMo's T) the latest ones are kept, then sorted by date.
-    A location may have fewer dates than requested: any number >= ``min_frames`` (default 1) is kept as it is.
+    A location may have fewer dates than requested: any number >= ``min_frames`` (default 1; counted before
+    ``num_frames`` keeps some) is kept as it is.
     ``pairing="per_frame"`` (the TiMo setup, per-frame targets): one example per location; frames are the first
     ``num_frames`` image dates (chronologically) whose month has a mask, and the label is (T, H, W), frame t's
     month mask. Labels are the binary deforestation masks as stored (uint8, values as the challenge distributes them).
@@ -180,19 +181,21 @@ class MultiEarth(TiMoRawBuilder):
         for loc in sorted(masks):
             if self.config.pairing == "per_frame":
                 dates = sorted(date for date in images.get(loc, {}) if self._mask_for(masks[loc], date))
+                available = len(dates)
                 dates = dates[: self.num_frames] if self.num_frames else dates
                 frames = [(date, dict(images[loc][date]), self._mask_for(masks[loc], date)) for date in dates]
-                refs.append(SampleRef(loc, loc, {"loc": loc, "frames": frames}))
+                refs.append(SampleRef(loc, loc, {"loc": loc, "frames": frames, "available": available}))
                 continue
             for mask_date in sorted(masks[loc]):
                 last = _month_index(mask_date)
                 dates = sorted(date for date in images.get(loc, {})
                                if last - self.config.window_months <= _month_index(date) <= last)
+                available = len(dates)
                 dates = dates[-self.num_frames:] if self.num_frames else dates
                 frames = [(date, dict(images[loc][date]), None) for date in dates]
                 refs.append(SampleRef(f"{loc}_{mask_date:%Y-%m}", loc,
                                       {"loc": loc, "frames": frames, "mask": masks[loc][mask_date],
-                                       "mask_date": mask_date.isoformat()}))
+                                       "mask_date": mask_date.isoformat(), "available": available}))
         return refs
 
     @staticmethod
@@ -213,6 +216,7 @@ class MultiEarth(TiMoRawBuilder):
         return array[0]
 
     def _read_sample(self, ref: SampleRef) -> RawSample:
+        require_dates(ref.payload["available"], self.min_frames)  # counted before num_frames, as every builder does
         frames, frame_masks = [], []
         for date, band_files, mask in ref.payload["frames"]:
             missing = [band for band in self.band_names if band not in band_files]
