@@ -10,15 +10,24 @@ generated, by name, for compiled cases), and how the step splits between matrix 
 against the measured matmul peak), SDPA's fused attention kernels, generated kernels and everything else. The
 profiler adds a cost to every operator call, so the step time it sees is above the suite's: the shares and the
 rates are what this is for, the suite's numbers are the measurement.
+
+Compiled cases are clocked without the profiler: each call of a kernel inductor generated and of a library product
+the generated code calls (`extern_kernels`) is timed from Python, and the rest of the step (Dynamo's guards, the
+graphs' wrappers and allocations, autograd, operators the graphs call directly) is one row. On this 2-core machine a
+running profiler slows generated kernels several-fold, some far more than others (with inductor's own per-kernel
+ranges, `cpp.enable_kernel_profile`, up to thirty-fold), so a profile of compiled code overstated the kernels' share
+and blamed the wrong ones.
 """
 
 import argparse
+import contextlib
 import sys
+import time
 from collections import defaultdict
 
 import torch
-import torch._inductor.config as inductor_config
 from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import addmm_flop, baddbmm_flop, bmm_flop, mm_flop
 
 from timo_hf.flops import IN_PLACE_PRODUCT_FLOPS
 
@@ -32,6 +41,14 @@ from .common import matmul_peak
 # from their operands' shapes (`timo_hf.flops.IN_PLACE_PRODUCT_FLOPS`).
 MATRIX_PRODUCTS = ("aten::mm", "aten::bmm", "aten::addmm", "aten::baddbmm", "aten::addbmm")
 IN_PLACE_PRODUCTS = {f"aten::{name}": formula for name, formula in IN_PLACE_PRODUCT_FLOPS.items()}
+# FLOPs of the library products that compiled code calls, from their tensor arguments.
+EXTERN_PRODUCT_FLOPS = {
+    "mm": lambda left, right, *_: mm_flop(left.shape, right.shape),
+    "bmm": lambda left, right, *_: bmm_flop(left.shape, right.shape),
+    "addmm": lambda added, left, right, *_: addmm_flop(added.shape, left.shape, right.shape),
+    "baddbmm": lambda added, left, right, *_: baddbmm_flop(added.shape, left.shape, right.shape),
+}
+REST_OF_STEP = "the rest of the step (Dynamo, graph wrappers, autograd, direct operator calls)"
 
 
 def find_case(case_id: str, dtype: str) -> dict:
@@ -59,15 +76,14 @@ def kind_of(name: str) -> str:
 
 def profile_case(case: dict, steps: int):
     """Per-step rows `(milliseconds, calls, flops, name, input shapes)` of the case's operators, by self time."""
-    # Inductor's kernels appear in the profile under their own names only with this set while they are compiled
-    # (the warm-up runs); set for this case only, not for whatever the process compiles afterwards.
-    with inductor_config.patch("cpp.enable_kernel_profile", True):
-        run = PREPARERS[case["kind"]](case)
-        for _ in range(warmup_runs(case)):
+    run = PREPARERS[case["kind"]](case)
+    for _ in range(warmup_runs(case)):
+        run()
+    if case.get("compile"):
+        return clock_compiled_step(run, steps)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as profiler:
+        for _ in range(steps):
             run()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True, with_flops=True) as profiler:
-            for _ in range(steps):
-                run()
     rows = [
         (event.self_cpu_time_total / 1e3 / steps, event.count / steps, operator_flops(event) / steps, event.key,
          str(event.input_shapes))
@@ -75,6 +91,78 @@ def profile_case(case: dict, steps: int):
         if event.self_cpu_time_total > 0
     ]
     return sorted(rows, reverse=True)
+
+
+def clock_compiled_step(run, steps: int):
+    """`profile_case`'s rows for a compiled step, clocked without the profiler (see the module's docstring)."""
+    totals = defaultdict(lambda: [0.0, 0, 0])  # (name, shapes) -> [seconds, calls, flops]
+    with clocked_generated_code(totals):
+        start = time.perf_counter()
+        for _ in range(steps):
+            run()
+        elapsed = time.perf_counter() - start
+    rows = [
+        (seconds * 1e3 / steps, calls / steps, flops / steps, name, shapes)
+        for (name, shapes), (seconds, calls, flops) in totals.items()
+    ]
+    rows.append((elapsed * 1e3 / steps - sum(row[0] for row in rows), 1, 0, REST_OF_STEP, "[]"))
+    return sorted(rows, reverse=True)
+
+
+@contextlib.contextmanager
+def clocked_generated_code(totals: dict):
+    """Inside this block, every call of a kernel inductor has generated so far, named `graph G <kernel>` (G: its
+    module's number in the order of compilation), and of a product its code calls (`aten::bmm`, ...) adds its
+    seconds, one call and its FLOPs to `totals[(name, input shapes)]`; restored on exit."""
+    # Inductor imports each generated module into sys.modules (whether its caches are on or off), in the order it
+    # compiles them, and its wrapper looks kernels and `extern_kernels` up among the module's globals at each call.
+    modules = [module for module in list(sys.modules.values()) if _generated_kernels(module)]
+    originals = []
+    for number, module in enumerate(modules):
+        for name, kernel in _generated_kernels(module):
+            originals.append((module, name, kernel))
+            setattr(module, name, _clocked(kernel, f"graph {number} {name}", totals))
+        if hasattr(module, "extern_kernels"):
+            originals.append((module, "extern_kernels", module.extern_kernels))
+            module.extern_kernels = _ClockedProducts(module.extern_kernels, totals)
+    try:
+        yield
+    finally:
+        for module, name, original in originals:
+            setattr(module, name, original)
+
+
+def _generated_kernels(module) -> list:
+    """`(name, kernel)` of the C++ kernels inductor generated into `module` (none for other modules)."""
+    return [(name, value) for name, value in vars(module).items() if name.startswith("cpp_fused") and callable(value)]
+
+
+def _clocked(function, name: str, totals: dict, flops=None):
+    def run(*args, **kwargs):
+        start = time.perf_counter()
+        result = function(*args, **kwargs)
+        seconds = time.perf_counter() - start
+        shapes = str([list(arg.shape) for arg in args if isinstance(arg, torch.Tensor)]) if flops else "[]"
+        entry = totals[(name, shapes)]
+        entry[0] += seconds
+        entry[1] += 1
+        entry[2] += flops(*args) if flops else 0
+        return result
+
+    return run
+
+
+class _ClockedProducts:
+    """A generated module's `extern_kernels` whose products are clocked (as `aten::<name>`, with their shapes)."""
+
+    def __init__(self, externs, totals: dict):
+        self._externs, self._totals = externs, totals
+
+    def __getattr__(self, name: str):
+        function = getattr(self._externs, name)
+        if name not in EXTERN_PRODUCT_FLOPS:
+            return function
+        return _clocked(function, f"aten::{name}", self._totals, EXTERN_PRODUCT_FLOPS[name])
 
 
 def operator_flops(event) -> float:
@@ -87,9 +175,9 @@ def operator_flops(event) -> float:
 
 def format_profile(case: dict, rows, peak_flops_per_s: float, limit: int) -> str:
     total = sum(row[0] for row in rows)
+    how = "clocked per call, without the profiler" if case.get("compile") else "operator self time under the profiler"
     lines = [
-        f"{case['id']} ({case['dtype']}, cpu): {total:.2f} ms of operator self time per step "
-        f"under the profiler",
+        f"{case['id']} ({case['dtype']}, cpu): {total:.2f} ms per step, {how}",
         "",
         "| ms / step | share | calls / step | GFLOP/s | operator | input shapes |",
         "|---|---|---|---|---|---|",

@@ -4,6 +4,7 @@
 import contextlib
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
 from benchmarks.common import TensorMemory, code_version, time_and_count_runs
-from benchmarks.profile import kind_of, operator_flops
+from benchmarks.profile import REST_OF_STEP, clock_compiled_step, kind_of, operator_flops
 from benchmarks.profile import main as profile_main
 from benchmarks.temporal_products import main as temporal_products_main
 
@@ -248,6 +249,33 @@ def test_profile_counts_in_place_products_as_matrix_products():
     (event,) = [event for event in profiler.key_averages(group_by_input_shape=True) if event.key == "aten::baddbmm_"]
     assert kind_of(event.key) == "matrix products"
     assert operator_flops(event) == 2 * (2 * 3 * 16 * 32 * 8)
+
+
+def test_compiled_steps_are_clocked_kernel_by_kernel_without_the_profiler():
+    """A compiled step's rows: each generated kernel by name, each library product with its shapes and FLOPs, and the
+    rest of the step. The generated module is left as it was."""
+    left, right = torch.randn(576, 30, 32), torch.randn(576, 32, 32)
+    compiled = torch.compile(lambda left, right: torch.bmm(left, right).relu() * 2, fullgraph=True)
+    compiled(left, right)
+    module = next(module for module in sys.modules.values() if compiled_product_kernel(module))
+    kernel = compiled_product_kernel(module)
+
+    externs = module.extern_kernels
+    rows = clock_compiled_step(lambda: compiled(left, right), steps=3)
+
+    by_name = {name: (milliseconds, calls, flops, shapes) for milliseconds, calls, flops, name, shapes in rows}
+    assert by_name["aten::bmm"][1:] == (1, 2 * 576 * 30 * 32 * 32, "[[576, 30, 32], [576, 32, 32]]")
+    generated = [name for name in by_name if "cpp_fused" in name]
+    assert generated and all(name.startswith("graph ") and kind_of(name) == "generated kernels" for name in generated)
+    assert all(by_name[name][:2] > (0, 0) for name in ("aten::bmm", *generated))
+    # The rest: the step's clocked time less the calls'.
+    assert kind_of(REST_OF_STEP) == "everything else" and by_name[REST_OF_STEP][0] >= 0
+    assert compiled_product_kernel(module) is kernel and module.extern_kernels is externs
+
+
+def compiled_product_kernel(module):
+    """The generated kernel of `test_compiled_steps_are_clocked...`'s product, if `module` holds it."""
+    return next((value for name, value in vars(module).items() if name.startswith("cpp_fused_mul_relu")), None)
 
 
 def test_attention_cases_count_the_flops_of_the_products_they_run():
