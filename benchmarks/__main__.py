@@ -381,7 +381,8 @@ def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> 
         f"Written by `python -m benchmarks` on {info['date']} ({info['command']}){describe_code(info)}. "
         f"Every number below comes from {origin}; {where}; times are medians of the listed repeats after a warm-up "
         "run. Memory (`MiB`) is the peak of the tensors "
-        "created by the measured code and alive at once (inputs excluded; counted at the dispatcher, so scratch "
+        "created by the measured code and alive at once (inputs and weights, and views or in-place results of them, "
+        "excluded; a buffer of the fast kernels' pool counted whole from its first use; counted at the dispatcher, so scratch "
         "space inside a kernel is not seen, and where two gradients of one tensor meet, their sum, which autograd "
         "makes in place in a plain run and out of place under a dispatcher hook, counts as one tensor more); the "
         "raw results also "
@@ -481,8 +482,9 @@ def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> 
         "(`[B, T*N, C]`, where the fast kernels' output is a view and the reference's a copy); D-STGA includes its "
         "two temporal medians and the offset branch. `fwd` without autograd, `fwdbwd` forward and backward. "
         "`% peak`: the FLOPs of the matrix products each implementation runs (counted by FlopCounterMode; the fast "
-        "kernels run fewer, and on CPU unroll the products over at most 4 frames into element-wise operations, "
-        "which are not counted) per second, as a fraction of the measured matmul peak.",
+        "kernels run a few percent more, their backward recomputing the spatial logits and at T=30 the keys padded "
+        "to 32 frames, and on CPU unroll the products over at most 4 frames into element-wise operations, which are "
+        "not counted) per second, as a fraction of the measured matmul peak.",
         "",
         "| attention | input | N | mode | reference ms | fast ms | speed-up | reference MiB | fast MiB | memory ratio "
         "| reference % peak | fast % peak |",
@@ -603,6 +605,8 @@ def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> 
     # Layout memory -----------------------------------------------------------------------------------------------
     lines += [
         "## Paper Table 7 layouts: one training step (train mode, forward+backward) at [2, 3, 3, 256, 256], fast kernels",
+        "",
+        "`peak MiB`: the tensor peak of the step plus the model's weights and buffers.",
         "",
         "| layout | peak MiB | seconds | within 24 GiB |",
         "|---|---|---|---|",

@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from timo_hf import buffer_pool
+
 
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
@@ -117,8 +119,10 @@ class PeakMemory:
 class TensorMemory(TorchDispatchMode):
     """Peak bytes of the tensor storages created inside the block and alive at the same time (any device).
 
-    Counts every storage an operator returns (inputs and tensors created before the block excluded), freed when its
-    storage is; deterministic, unlike the resident set. Scratch memory inside a kernel (e.g. the blocks of a fused
+    Counts every storage an operator returns, freed when its storage is; deterministic, unlike the resident set.
+    Tensors created before the block (inputs, weights) do not count, nor do views, in-place results or `out=`
+    results of them; a buffer of the fast kernels' pool (`timo_hf.buffer_pool`) counts whole from its first use in
+    the block (it holds that memory, as a tensor would). Scratch memory inside a kernel (e.g. the blocks of a fused
     attention kernel) is not seen, nor is memory allocated by compiled (inductor) code. Under any dispatch mode
     autograd sums two gradients of one tensor out of place (in a plain run it adds one to the other in place), so
     such a sum counts here as one tensor more than a plain run makes.
@@ -134,12 +138,18 @@ class TensorMemory(TorchDispatchMode):
         self.current -= self._live.pop(key)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        arguments = {
+            tensor.untyped_storage().data_ptr()
+            for tensor in tree_leaves((args, kwargs))
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
+        }
         out = func(*args, **(kwargs or {}))
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
                 key = id(storage)
-                if key not in self._live and storage.nbytes():
+                older = storage.data_ptr() in arguments and not buffer_pool.holds(storage)
+                if key not in self._live and storage.nbytes() and not older:
                     self._live[key] = storage.nbytes()
                     self.current += storage.nbytes()
                     self.peak_bytes = max(self.peak_bytes, self.current)

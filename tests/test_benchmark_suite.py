@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 import benchmarks.__main__ as suite
+from timo_hf import buffer_pool
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
 from benchmarks.allocator import main as allocator_main
@@ -288,6 +289,30 @@ def test_attention_cases_count_the_flops_of_the_products_they_run():
         for implementation in ("reference", "fast")
     }
     assert 0 < counted["reference"] < counted["fast"] < 1.03 * counted["reference"]
+
+
+def test_tensor_memory_does_not_count_tensors_made_before_the_block():
+    """Views, in-place results and `out=` results of an input or weight are not new memory; a product's output is.
+    A buffer of the fast kernels' pool counts whole once the block uses it."""
+    inputs, linear = torch.randn(256, 256), torch.nn.Linear(256, 256)
+    nbytes = inputs.nbytes
+    with TensorMemory() as memory:
+        inputs.view(-1)
+        inputs.mul_(1.0)
+        torch.mul(inputs, 2.0, out=inputs)
+        inputs[:128].t()
+    assert memory.peak_bytes == 0
+    with TensorMemory() as memory:
+        linear(inputs)  # its weight is transposed (a view) for the product
+    assert memory.peak_bytes == nbytes
+    buffer_pool.release_buffers()  # a larger buffer left by another test would be handed out (and count whole)
+    with buffer_pool.pooling(True), torch.no_grad():
+        pooled = buffer_pool.pooled_empty((256, 256), torch.float32, inputs)
+        assert pooled is not None and buffer_pool.holds(pooled.untyped_storage())
+        with TensorMemory() as memory:
+            torch.mul(inputs, 2.0, out=pooled)
+    buffer_pool.release_buffers()
+    assert memory.peak_bytes == nbytes
 
 
 def test_tensor_memory_counts_the_peak_and_the_gradient_sum_a_plain_run_makes_in_place():

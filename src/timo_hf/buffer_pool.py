@@ -132,6 +132,13 @@ def release_buffers() -> None:
     _POOL.release()
 
 
+def holds(storage: torch.UntypedStorage) -> bool:
+    """Whether `storage` is one of the calling thread's pooled buffers."""
+    return any(
+        buffer.untyped_storage().data_ptr() == storage.data_ptr() for kind in _POOL.buffers.values() for buffer in kind
+    )
+
+
 def pooled_bytes() -> int:
     """Bytes the calling thread's pool holds."""
     return _POOL.held_bytes
