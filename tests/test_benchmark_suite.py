@@ -32,8 +32,8 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     common = ["--only", "matmul_peak", "--in-process", "--idle-wait", "0", "--json", str(raw)]
     main(common + ["--no-write"])
     first = json.loads(raw.read_text())
-    peak = first["results"]["matmul_peak"]["matmul_peak"]["flops_per_s"]
-    assert peak > 0
+    peak = suite.measured_peak(first["results"])["flops_per_s"]  # measured at the start and at the end
+    assert peak > 0 and set(first["results"]) == {"matmul_peak", "matmul_peak/end"}
     capsys.readouterr()
 
     assert first["info"]["code"] == code_version(suite.ROOT)
@@ -44,7 +44,7 @@ def test_resume_keeps_measured_cases_and_report_only_rebuilds_the_report(tmp_pat
     main(common + ["--no-write", "--resume"])
     resumed = json.loads(raw.read_text())
     out = capsys.readouterr().out
-    assert "resuming: 1 cases already measured" in out and "[1/1]" not in out
+    assert "resuming: 2 cases already measured" in out and "[1/2]" not in out
     assert resumed["results"] == first["results"] and resumed["info"]["resumed"] == 1
     assert resumed["info"]["resumed_codes"] == [first["info"]["code"]]
     # Resumed again with the same code: the cases of the first invocation still ran the other commit.
@@ -124,6 +124,19 @@ def test_no_processes_or_repeats_is_refused(option, capsys):
     with pytest.raises(SystemExit):
         main(["--only", "attention/dstga/T30-48px/fwd/fast", option, "0", "--no-write"])
     assert "--repeats and --processes must be at least 1" in capsys.readouterr().err
+
+
+def test_fractions_of_the_peak_use_the_higher_of_the_two_peak_measurements():
+    """The matmul peak is measured at the start and at the end of a run; the report judges against the higher."""
+    cases = [case["id"] for case in suite.all_cases("cpu", repeats=1)]
+    assert cases[0] == "matmul_peak" and cases[-1] == "matmul_peak/end"
+    start = {"matmul_peak": {"flops_per_s": 1.5e11, "size": 2048}}
+    end = {"matmul_peak": {"flops_per_s": 1.8e11, "size": 4096}}
+    assert suite.measured_peak({"matmul_peak": start, "matmul_peak/end": end}) == {
+        "flops_per_s": 1.8e11, "size": 4096, "rates": [1.5e11, 1.8e11]
+    }
+    assert suite.measured_peak({"matmul_peak": start})["rates"] == [1.5e11]  # raw results of an older run
+    assert suite.measured_peak({}) is None
 
 
 def test_report_only_without_raw_results_names_the_missing_file(tmp_path, capsys):
