@@ -24,6 +24,7 @@ it measured and any uncommitted changes to the checkout.
 import argparse
 import datetime
 import json
+import math
 import os
 import resource
 import statistics
@@ -291,10 +292,17 @@ def _peak_fraction(result, peak):
     return result["flops"] / result["time_s"] / peak
 
 
+def _rounded_down(value: float, decimals: int) -> float:
+    """`value` cut to `decimals` decimals: a number shown at or above a target is one that meets it (rounded to
+    nearest, 4.996x would show as 5.00x beside "NOT met"). The tolerance keeps 2.29 from showing as 2.28."""
+    scale = 10**decimals
+    return math.floor(value * scale + 1e-9) / scale
+
+
 def _peak_share(result, peak):
-    """`_peak_fraction` as a percentage."""
+    """`_peak_fraction` as a percentage (rounded down, see `_rounded_down`)."""
     fraction = _peak_fraction(result, peak)
-    return f"{100 * fraction:.1f}%" if fraction is not None else "n/a"
+    return f"{_rounded_down(100 * fraction, 1):.1f}%" if fraction is not None else "n/a"
 
 
 def _ratio(numerator, denominator, key):
@@ -305,7 +313,7 @@ def _ratio(numerator, denominator, key):
 
 
 def _fmt_ratio(value):
-    return f"{value:.2f}x" if value is not None else "n/a"
+    return f"{_rounded_down(value, 2):.2f}x" if value is not None else "n/a"
 
 
 def round_ratios(slower: dict | None, faster: dict | None) -> list[float]:
@@ -406,7 +414,7 @@ def build_report(results: dict, info: dict, sweep_figure: str | None = None) -> 
         "makes in place in a plain run and out of place under a dispatcher hook, counts as one tensor more); the "
         "raw results also "
         "hold the peak growth of the process's resident set on CPU, of the CUDA allocator's allocated memory on "
-        "CUDA (`peak_resident_bytes`); for compiled cases only the latter exists and is shown."
+        "CUDA (`peak_resident_bytes`); compiled cases have only the latter (on CPU no tensor peak is measured for them)."
         + (
             ""
             if dtype == "float32"
@@ -708,7 +716,11 @@ def describe(result: dict) -> str:
     if "time_s" not in result:
         return "done"
     others = result.get("others_cpu_share")
-    return f"{1e3 * result['time_s']:.1f} ms, peak {result['peak_bytes'] / 2**20:.1f} MiB" + (
+    if "peak_bytes" in result:
+        memory = f"peak {result['peak_bytes'] / 2**20:.1f} MiB"
+    else:
+        memory = f"resident set grew {result.get('peak_resident_bytes', 0) / 2**20:.1f} MiB"
+    return f"{1e3 * result['time_s']:.1f} ms, {memory}" + (
         f" (others used {100 * others:.0f}% of the CPUs meanwhile)" if others is not None else ""
     )
 

@@ -15,6 +15,7 @@ import benchmarks.__main__ as suite
 from timo_hf import buffer_pool
 from benchmarks.__main__ import main, run_in_process
 from benchmarks.allocator import TUNED_MALLOC, environment
+from benchmarks.cases import case_memory
 from benchmarks.allocator import main as allocator_main
 from benchmarks.common import TensorMemory, code_version, time_and_count_runs
 from benchmarks.profile import REST_OF_STEP, clock_compiled_step, kind_of, operator_flops
@@ -137,6 +138,21 @@ def test_fractions_of_the_peak_use_the_higher_of_the_two_peak_measurements():
     }
     assert suite.measured_peak({"matmul_peak": start})["rates"] == [1.5e11]  # raw results of an older run
     assert suite.measured_peak({}) is None
+
+
+def test_the_report_rounds_ratios_and_fractions_down_so_a_shown_target_is_a_met_one():
+    assert suite._fmt_ratio(4.996) == "4.99x" and suite._fmt_ratio(5.0) == "5.00x" and suite._fmt_ratio(2.29) == "2.29x"
+    result = {"flops": 0.4996, "time_s": 1.0}
+    assert suite._peak_share(result, 1.0) == "49.9%" and suite._peak_share({"flops": 0.5, "time_s": 1.0}, 1.0) == "50.0%"
+
+
+def test_compiled_cpu_cases_report_no_tensor_peak_only_the_resident_set_growth():
+    """Compiled code allocates outside the dispatcher: on CPU only the resident set's growth is known, which is no
+    peak, and the progress line says so."""
+    memory = case_memory(lambda: torch.ones(1 << 20).sum(), {"compile": True, "device": "cpu"})
+    assert set(memory) == {"peak_resident_bytes"}
+    assert "resident set grew" in suite.describe({"time_s": 0.01, **memory})
+    assert "peak 1.0 MiB" in suite.describe({"time_s": 0.01, "peak_bytes": 1 << 20})
 
 
 def test_report_only_without_raw_results_names_the_missing_file(tmp_path, capsys):
