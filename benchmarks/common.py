@@ -121,9 +121,9 @@ class TensorMemory(TorchDispatchMode):
 
     Counts every storage an operator returns, freed when its storage is; deterministic, unlike the resident set.
     Tensors created before the block (inputs, weights) do not count, nor do views, in-place results or `out=`
-    results of them; a buffer of the fast kernels' pool (`timo_hf.buffer_pool`) counts whole from its first use in
-    the block (it holds that memory, as a tensor would). Scratch memory inside a kernel (e.g. the blocks of a fused
-    attention kernel) is not seen, nor is memory allocated by compiled (inductor) code. Under any dispatch mode
+    results of them. The fast kernels' pooled buffers (`timo_hf.buffer_pool`) count whole while a tensor uses them,
+    not while they wait in the pool (as memory the heap keeps after a free does not count). Scratch memory inside a
+    kernel (e.g. the blocks of a fused attention kernel) is not seen, nor is memory allocated by compiled (inductor) code. Under any dispatch mode
     autograd sums two gradients of one tensor out of place (in a plain run it adds one to the other in place), so
     such a sum counts here as one tensor more than a plain run makes.
     """
@@ -135,7 +135,7 @@ class TensorMemory(TorchDispatchMode):
         self._live = {}
 
     def _free(self, key):
-        self.current -= self._live.pop(key)
+        self.current -= self._live.pop(key, 0)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         arguments = {
@@ -144,16 +144,21 @@ class TensorMemory(TorchDispatchMode):
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta"
         }
         out = func(*args, **(kwargs or {}))
+        pooled = buffer_pool.pooled_storages()
+        pooled_pointers = {storage.data_ptr() for storage, _ in pooled}
         for tensor in tree_leaves(out):
             if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
                 storage = tensor.untyped_storage()
                 key = id(storage)
-                older = storage.data_ptr() in arguments and not buffer_pool.holds(storage)
+                older = storage.data_ptr() in arguments or storage.data_ptr() in pooled_pointers
                 if key not in self._live and storage.nbytes() and not older:
                     self._live[key] = storage.nbytes()
                     self.current += storage.nbytes()
-                    self.peak_bytes = max(self.peak_bytes, self.current)
                     weakref.finalize(storage, self._free, key)
+        for storage, _ in pooled:  # a buffer the pool took in after this block made it: counted as pooled from now
+            self._free(id(storage))
+        in_use = sum(storage.nbytes() for storage, used in pooled if used)
+        self.peak_bytes = max(self.peak_bytes, self.current + in_use)
         return out
 
 

@@ -322,7 +322,7 @@ def test_attention_cases_count_the_flops_of_the_products_they_run():
 
 def test_tensor_memory_does_not_count_tensors_made_before_the_block():
     """Views, in-place results and `out=` results of an input or weight are not new memory; a product's output is.
-    A buffer of the fast kernels' pool counts whole once the block uses it."""
+    A pooled buffer of the fast kernels counts whole while a tensor uses it, not while it waits in the pool."""
     inputs, linear = torch.randn(256, 256), torch.nn.Linear(256, 256)
     nbytes = inputs.nbytes
     with TensorMemory() as memory:
@@ -334,14 +334,22 @@ def test_tensor_memory_does_not_count_tensors_made_before_the_block():
     with TensorMemory() as memory:
         linear(inputs)  # its weight is transposed (a view) for the product
     assert memory.peak_bytes == nbytes
+
     buffer_pool.release_buffers()  # a larger buffer left by another test would be handed out (and count whole)
     with buffer_pool.pooling(True), torch.no_grad():
-        pooled = buffer_pool.pooled_empty((256, 256), torch.float32, inputs)
-        assert pooled is not None and buffer_pool.holds(pooled.untyped_storage())
         with TensorMemory() as memory:
+            pooled = buffer_pool.pooled_empty((256, 256), torch.float32, inputs)  # made here, then pooled
             torch.mul(inputs, 2.0, out=pooled)
+            torch.mul(inputs, 3.0)
+        assert memory.peak_bytes == 2 * nbytes
+        del pooled  # back in the pool, waiting: no longer counted
+        with TensorMemory() as memory:
+            torch.mul(inputs, 2.0)
+        assert memory.peak_bytes == nbytes
+        with TensorMemory() as memory:
+            torch.mul(inputs, 2.0, out=buffer_pool.pooled_empty((256, 256), torch.float32, inputs))
+        assert memory.peak_bytes == nbytes
     buffer_pool.release_buffers()
-    assert memory.peak_bytes == nbytes
 
 
 def test_tensor_memory_counts_the_peak_and_the_gradient_sum_a_plain_run_makes_in_place():

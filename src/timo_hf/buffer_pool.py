@@ -132,11 +132,9 @@ def release_buffers() -> None:
     _POOL.release()
 
 
-def holds(storage: torch.UntypedStorage) -> bool:
-    """Whether `storage` is one of the calling thread's pooled buffers."""
-    return any(
-        buffer.untyped_storage().data_ptr() == storage.data_ptr() for kind in _POOL.buffers.values() for buffer in kind
-    )
+def pooled_storages() -> list[tuple[torch.UntypedStorage, bool]]:
+    """The storages of the calling thread's pooled buffers, each with whether a tensor uses it now."""
+    return [(buffer.untyped_storage(), not _is_free(buffer)) for kind in _POOL.buffers.values() for buffer in kind]
 
 
 def pooled_bytes() -> int:
