@@ -123,9 +123,9 @@ class TensorMemory(TorchDispatchMode):
     Tensors created before the block (inputs, weights) do not count, nor do views, in-place results or `out=`
     results of them. The fast kernels' pooled buffers (`timo_hf.buffer_pool`) count whole while a tensor uses them,
     not while they wait in the pool (as memory the heap keeps after a free does not count). Scratch memory inside a
-    kernel (e.g. the blocks of a fused attention kernel) is not seen, nor is memory allocated by compiled (inductor) code. Under any dispatch mode
-    autograd sums two gradients of one tensor out of place (in a plain run it adds one to the other in place), so
-    such a sum counts here as one tensor more than a plain run makes.
+    kernel (e.g. the blocks of a fused attention kernel) is not seen, nor is memory allocated by compiled (inductor)
+    code. Under any dispatch mode autograd sums two gradients of one tensor out of place (in a plain run it adds one
+    to the other in place), so such a sum counts here as one tensor more than a plain run makes.
     """
 
     def __init__(self):

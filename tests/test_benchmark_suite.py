@@ -141,9 +141,9 @@ def test_fractions_of_the_peak_use_the_higher_of_the_two_peak_measurements():
 
 
 def test_the_report_rounds_ratios_and_fractions_down_so_a_shown_target_is_a_met_one():
-    assert suite._fmt_ratio(4.996) == "4.99x" and suite._fmt_ratio(5.0) == "5.00x" and suite._fmt_ratio(2.29) == "2.29x"
-    result = {"flops": 0.4996, "time_s": 1.0}
-    assert suite._peak_share(result, 1.0) == "49.9%" and suite._peak_share({"flops": 0.5, "time_s": 1.0}, 1.0) == "50.0%"
+    assert [suite._fmt_ratio(value) for value in (4.996, 5.0, 2.29)] == ["4.99x", "5.00x", "2.29x"]
+    shares = [suite._peak_share({"flops": flops, "time_s": 1.0}, 1.0) for flops in (0.4996, 0.5)]
+    assert shares == ["49.9%", "50.0%"]
 
 
 def test_compiled_cpu_cases_report_no_tensor_peak_only_the_resident_set_growth():
