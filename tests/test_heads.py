@@ -157,6 +157,23 @@ def test_segmentation_trains_every_parameter(tiny_config_kwargs):
     assert all_parameters_have_gradients(model) == []
 
 
+@pytest.mark.parametrize("fusion", ["max", "none"])
+def test_training_on_a_single_map_is_refused_with_the_cause_and_works_with_the_heads_norms_frozen(
+    tiny_config_kwargs, fusion
+):
+    # One sample of one frame: the pyramid pooling's 1x1 map holds one value per channel for BatchNorm.
+    model = build(TiMoForSemanticSegmentation, make_config(tiny_config_kwargs, temporal_fusion=fusion)).train()
+    pixel_values, labels = torch.randn(1, 1, 3, 64, 64), torch.randint(0, NUM_LABELS, (1, 1, 64, 64))
+    labels = labels if fusion == "none" else labels[:, 0]
+    with pytest.raises(ValueError, match=r"cannot train on a batch of one map.*shape \(1, 64, 1, 1\)"):
+        model(pixel_values, labels=labels)
+    for module in model.decode_head.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    model(pixel_values, labels=labels).loss.backward()
+    assert all_parameters_have_gradients(model) == []
+
+
 def test_uper_width_and_pool_scales_follow_the_config(tiny_config_kwargs):
     model = TiMoForSemanticSegmentation(make_config(tiny_config_kwargs, uper_hidden_size=24, uper_pool_scales=[1, 3]))
     head = model.decode_head

@@ -811,6 +811,15 @@ class TiMoConvModule(nn.Module):
         self.batch_norm = nn.BatchNorm2d(out_channels)
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
+        # BatchNorm in training mode needs more than one value per channel: the pyramid pooling's 1x1 scale has one
+        # per map, so a batch holding a single map (one sample of one kept frame) cannot train the head.
+        if self.batch_norm.training and feature_map.shape[0] * feature_map.shape[-2] * feature_map.shape[-1] == 1:
+            raise ValueError(
+                "The UperNet head cannot train on a batch of one map: its BatchNorm layers in training mode need "
+                f"more than one value per channel, and a 1x1 map (here of shape {tuple(feature_map.shape)}) alone "
+                "in its batch has one. Train with batch_size x kept frames >= 2, or put the head's BatchNorm "
+                "layers in eval mode (running statistics) for such batches."
+            )
         return F.relu(self.batch_norm(self.conv(feature_map)))
 
 
