@@ -283,6 +283,8 @@ def test_bad_inputs_raise_clear_errors():
         model(torch.randn(2, 3, 3, 64, 64), bool_masked_pos=uneven)
     with pytest.raises(ValueError, match=r"noise must have shape"):
         model(torch.randn(1, 3, 3, 64, 64), noise=torch.rand(1, 5))
+    with pytest.raises(ValueError, match="cannot return output_hidden_states: its encoder carries the visible"):
+        model(torch.randn(1, 3, 3, 64, 64), output_hidden_states=True)
     sparse = TiMoForMaskedImageModeling(tiny_mim_config(mask_ratio=0.9))
     with pytest.raises(ValueError, match="leaves 0 of 4 mask units visible"):
         sparse(torch.randn(1, 1, 3, 64, 64))

@@ -4,7 +4,14 @@ import pytest
 import torch
 from transformers import AutoBackbone, AutoConfig, AutoModel
 
-from timo_hf import TiMoBackbone, TiMoConfig, TiMoModel
+from timo_hf import (
+    TiMoBackbone,
+    TiMoConfig,
+    TiMoForImageClassification,
+    TiMoForMaskedImageModeling,
+    TiMoForSemanticSegmentation,
+    TiMoModel,
+)
 from timo_hf.modeling_timo import TiMoAttention
 
 
@@ -90,6 +97,23 @@ def test_samples_are_independent_in_eval(model):
 def test_bad_inputs_raise_value_errors_naming_the_problem(model, pixel_values, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(pixel_values, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "model_class",
+    [TiMoModel, TiMoBackbone, TiMoForImageClassification, TiMoForSemanticSegmentation, TiMoForMaskedImageModeling],
+)
+def test_forward_refuses_unknown_keywords_and_outputs_it_does_not_return(tiny_config_kwargs, model_class):
+    torch.manual_seed(0)
+    model = model_class(TiMoConfig(**tiny_config_kwargs, num_labels=3)).eval()
+    pixel_values = torch.randn(1, 2, 3, 64, 64)
+    with pytest.raises(TypeError, match=f"{model_class.__name__}.forward\\(\\) got unexpected keyword arguments: lables"):
+        model(pixel_values, lables=torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=f"{model_class.__name__} cannot return output_attentions"):
+        model(pixel_values, output_attentions=True)
+    # What transformers' generic code and `model(**processor_outputs)` pass along is accepted.
+    with torch.no_grad():
+        model(pixel_values, output_attentions=False, valid_mask=torch.ones(1, 2, 64, 64, dtype=torch.bool))
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, ImageClassifierOutput, SemanticSegmenterOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.utils import ModelOutput
-from transformers.utils.generic import can_return_tuple
+from transformers.utils.generic import TransformersKwargs, can_return_tuple
 
 from .attention_fast import STGA_IMPLEMENTATIONS
 from .attention_timo import TiMoQueryOffset, recompute_marked, unpack
@@ -578,6 +578,9 @@ class TiMoModel(TiMoPreTrainedModel):
                 `TiMoImageProcessor` pads them. Every sample then runs on its kept frames only (in eval mode, its
                 outputs are those it gets alone); the maps of left-out frames are zeros. Not in the official model,
                 which sees padded frames as frames.
+            kwargs: transformers' common keywords (`output_attentions` only False: the STGA and D-STGA kernels never
+                form attention weights) and the image processor's `valid_mask`, which TiMo does not use. Any other
+                keyword raises a TypeError, here and in every TiMo model.
 
         Returns:
             [`TiMoModelOutput`]: `last_hidden_state` `(B, T, C4, h4, w4)`, `pooler_output` `(B, C4)` and
@@ -594,6 +597,7 @@ class TiMoModel(TiMoPreTrainedModel):
         ((1, 3, 256, 2, 2), (1, 256))
         ```
         """
+        check_extra_kwargs(type(self).__name__, kwargs)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         pixel_values, frame_mask = self._checked_inputs(pixel_values, temporal_positions, frame_mask)
@@ -650,6 +654,7 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
         Returns:
             [`BackboneOutput`] with `feature_maps` for `config.out_features`, each `(B * T, C, h, w)`.
         """
+        check_extra_kwargs(type(self).__name__, kwargs)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         all_maps = self.timo.compute_feature_maps(pixel_values, temporal_positions, frame_mask)
@@ -657,6 +662,27 @@ class TiMoBackbone(BackboneMixin, TiMoPreTrainedModel):
         return BackboneOutput(
             feature_maps=feature_maps, hidden_states=tuple(all_maps) if output_hidden_states else None
         )
+
+
+# Keywords a forward accepts besides its own arguments: those transformers may pass to any model (`TransformersKwargs`,
+# e.g. `output_attentions=False` from `forward_with_filtered_kwargs`) and the image processor's `valid_mask`, which
+# `model(**inputs)` passes along and TiMo does not use.
+ACCEPTED_EXTRA_KWARGS = TransformersKwargs.__required_keys__ | TransformersKwargs.__optional_keys__ | {"valid_mask"}
+# Outputs transformers lets a caller ask for that TiMo does not return, with the reason.
+UNSUPPORTED_OUTPUTS = {
+    "output_attentions": "its attention kernels do not return attention weights (STGA and D-STGA never form them)",
+}
+
+
+def check_extra_kwargs(model_name: str, kwargs: dict, unsupported: dict[str, str] = UNSUPPORTED_OUTPUTS) -> None:
+    """Refuse what a forward's `**kwargs` would otherwise swallow: an unknown keyword (a misspelt `labels` would
+    silently give no loss) and a request (`output_attentions=True`) for outputs the model does not return."""
+    unknown = sorted(set(kwargs) - ACCEPTED_EXTRA_KWARGS)
+    if unknown:
+        raise TypeError(f"{model_name}.forward() got unexpected keyword arguments: {', '.join(unknown)}.")
+    for name, reason in unsupported.items():
+        if kwargs.get(name):
+            raise ValueError(f"{model_name} cannot return {name}: {reason}.")
 
 
 def check_labels(
@@ -769,6 +795,7 @@ class TiMoForImageClassification(TiMoPreTrainedModel):
         ((2, 3, 4), 0)
         ```
         """
+        check_extra_kwargs(type(self).__name__, kwargs)
         outputs = self.timo(
             pixel_values,
             temporal_positions=temporal_positions,
@@ -956,6 +983,7 @@ class TiMoForSemanticSegmentation(TiMoPreTrainedModel):
         (2, 5, 64, 80)
         ```
         """
+        check_extra_kwargs(type(self).__name__, kwargs)
         batch_size, (height, width) = pixel_values.shape[0], pixel_values.shape[-2:]
         outputs = self.timo(pixel_values, temporal_positions=temporal_positions, frame_mask=frame_mask,
                             output_hidden_states=True, return_dict=True)

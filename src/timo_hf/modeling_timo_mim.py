@@ -22,15 +22,22 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_timo import TiMoConfig
 from .frame_masks import check_frame_mask
 from .modeling_timo import (
+    UNSUPPORTED_OUTPUTS,
     TiMoLayer,
     TiMoModel,
     TiMoPositionEncoding,
     TiMoPreTrainedModel,
     as_frames,
+    check_extra_kwargs,
     check_inputs,
 )
 
 
+# Masked image modelling does not return stage maps either: from stage 1 on its encoder carries the visible units only.
+MIM_UNSUPPORTED_OUTPUTS = {
+    **UNSUPPORTED_OUTPUTS,
+    "output_hidden_states": "its encoder carries the visible mask units only, not maps (TiMoModel returns them)",
+}
 # Added to the variance before the square root when normalising the reconstruction target (as MAE).
 TARGET_NORMALIZATION_EPS = 1e-6
 
@@ -320,6 +327,7 @@ class TiMoForMaskedImageModeling(TiMoPreTrainedModel):
         ((2, 3, 3, 64, 64), (2, 12))
         ```
         """
+        check_extra_kwargs(type(self).__name__, kwargs, MIM_UNSUPPORTED_OUTPUTS)
         config = self.config
         pixel_values = as_frames(pixel_values, config.num_channels)
         check_inputs(pixel_values, temporal_positions, config)
