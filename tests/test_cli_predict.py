@@ -127,6 +127,7 @@ class PointwiseSegmenter:
 
     num_labels, device = 3, "cpu"
     model = SimpleNamespace(config=SimpleNamespace(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}))
+    processor = SimpleNamespace(nodata_value=None)
 
     def maps_per_tile(self, num_frames):
         return 1
@@ -440,6 +441,26 @@ def test_the_processors_nodata_value_is_nodata_like_the_nodata_option(tmp_path):
     zeros = write_frame(tmp_path / f"S2_{DATES[1]}_zeros.tif", np.zeros((3, HEIGHT, WIDTH), np.uint16), nodata=None)
     np.testing.assert_array_equal(gaps_fill_probabilities(model, [files[0], zeros, files[2]], tmp_path / "a.tif"),
                                   gaps_fill_probabilities(model, files[::2], tmp_path / "b.tif"))
+
+
+def test_a_scene_that_does_not_know_the_processors_nodata_value_is_refused_by_the_library_calls(tmp_path):
+    """Called from Python, the scene must be told the processor's nodata value (timo predict tells it): the
+    processor would fill those pixels, and the map would show classes there instead of nodata."""
+    model = TiMoForSemanticSegmentation(tiny_segmentation_config())
+    processor = TiMoImageProcessor(band_names=list(BANDS), image_mean=[1500.0, 1800.0, 2100.0],
+                                   image_std=[800.0] * 3, nodata_value=0)
+    files = [write_frame(tmp_path / f"S2_{date}.tif", array, nodata=None) for date, array in zip(DATES, scene_arrays())]
+    segmenter = TileSegmenter(model, processor, None, torch.device("cpu"))
+    with Scene(resolve_inputs([str(f) for f in files]), band_names=list(BANDS), num_channels=3) as scene:
+        with pytest.raises(ValueError, match=r"reads 0 as nodata but the scene does not \(its nodata: \[\]\)"):
+            predict_scene(scene, segmenter, tmp_path / "map.tif", tile_size=64, overlap=16, progress=False)
+    with Scene(resolve_inputs([str(f) for f in files]), band_names=list(BANDS), num_channels=3, nodata=0) as scene:
+        predict_scene(scene, segmenter, tmp_path / "map.tif", tile_size=64, overlap=16, progress=False)
+    missing = np.zeros((HEIGHT, WIDTH), bool)
+    missing[NODATA_BOX] = True
+    with rasterio.open(tmp_path / "map.tif") as dataset:
+        classes = dataset.read(1)
+    assert (classes[missing] == 255).all() and (classes[~missing] < 3).all()
 
 
 @pytest.mark.parametrize("option, value, message", [

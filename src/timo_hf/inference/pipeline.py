@@ -9,6 +9,7 @@ band of the scene width (see `tiling`), whatever the scene size.
 from __future__ import annotations
 
 import json
+import math
 import resource
 import time
 from dataclasses import dataclass, field
@@ -46,14 +47,22 @@ def pool_missing(missing: np.ndarray, scale: int, inside: tuple[int, int]) -> np
     return missing.reshape(height // scale, scale, width // scale, scale).any(axis=(1, 3))
 
 
-def check_gaps(scene: Scene, per_date: bool) -> None:
-    """Per-date outputs need the default gaps: with `gaps="fill"` they would show values on the dates that miss
-    the pixel."""
+def check_scene(scene: Scene, tile_model, per_date: bool) -> None:
+    """Refuse a scene that the tile model's outputs would misrepresent: read with `gaps="fill"` for per-date outputs
+    (they would show values on the dates that miss the pixel), or not knowing the image processor's `nodata_value`
+    (the processor fills those pixels, so the outputs would show predictions there instead of nodata)."""
     if scene.gaps == "fill" and per_date:
         raise ValueError(
             "--gaps fill (a scene read with gaps='fill') needs outputs that fuse the dates (a model with "
             "temporal_fusion='max', or timo embed's mean or max pooling): per-date outputs would show values on the "
             "dates that miss the pixel"
+        )
+    nodata = tile_model.processor.nodata_value
+    if nodata is not None and not math.isnan(nodata) and nodata not in scene.nodata:
+        raise ValueError(
+            f"the model's image processor reads {nodata} as nodata but the scene does not (its nodata: "
+            f"{list(scene.nodata)}): build it with Scene(..., nodata=[..., {nodata}]), as timo predict and timo embed "
+            "do, so that those pixels are nodata in the outputs"
         )
 
 
@@ -174,7 +183,7 @@ def predict_scene(
     grid, written under a temporary name and renamed at the end."""
     started = time.perf_counter()
     maps = segmenter.maps_per_tile(scene.num_frames)
-    check_gaps(scene, per_date=maps > 1)
+    check_scene(scene, segmenter, per_date=maps > 1)
     output = check_output_path(output, overwrite)
     probabilities = check_output_path(probabilities, overwrite) if probabilities else None
     quicklook = check_output_path(quicklook, overwrite) if quicklook else None
@@ -268,7 +277,7 @@ def embed_scene(
     temporal pooling), on the stage's grid (the scene's transform scaled by the stage stride), NaN where any input
     pixel of a cell is nodata."""
     started = time.perf_counter()
-    check_gaps(scene, per_date=embedder.temporal_pooling == "none")
+    check_scene(scene, embedder, per_date=embedder.temporal_pooling == "none")
     output = check_output_path(output, overwrite)
     stride = embedder.stride
     grid = TileGrid(scene.height, scene.width, tile_size, overlap, scale=stride)
